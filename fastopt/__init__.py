@@ -1,0 +1,1 @@
+"""fastopt: fused multi-tensor AdamW and Lion as torch.optim drop-ins."""

@@ -1,0 +1,103 @@
+"""Build of the fastopt C++/CUDA extension (fastopt._C).
+
+The CPU kernels are always built. The CUDA kernels are built when
+FASTOPT_BUILD_CUDA is 1, or when it is unset/"auto" and both a CUDA build of
+torch and a CUDA toolkit (nvcc under CUDA_HOME) are present. FASTOPT_BUILD_CUDA=0
+opts out. What was decided is printed and recorded in fastopt/_build_info.py.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _cuda_decision():
+    import torch
+    from torch.utils import cpp_extension
+
+    wanted = os.environ.get("FASTOPT_BUILD_CUDA", "auto").strip().lower()
+    if wanted in ("0", "false", "no", "off"):
+        return False, "FASTOPT_BUILD_CUDA=0"
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append("the installed torch is not a CUDA build")
+    home = cpp_extension.CUDA_HOME
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        reasons.append("no nvcc found (set CUDA_HOME to the toolkit root)")
+    if not _rel("csrc/cuda/*.cu"):
+        reasons.append("no CUDA sources in csrc/cuda")
+    if reasons:
+        if wanted in ("1", "true", "yes", "on"):
+            sys.exit("fastopt: FASTOPT_BUILD_CUDA=1 but " + "; ".join(reasons))
+        return False, "; ".join(reasons)
+    return True, f"nvcc in {home}, torch CUDA {torch.version.cuda}"
+
+
+def _nvidia_wheel_includes():
+    # torch's CUDA headers include cuBLAS/cuSPARSE headers that a pip-installed
+    # CUDA torch ships in the nvidia-* wheels rather than in the toolkit.
+    dirs = []
+    for base in sys.path:
+        for pattern in ("nvidia/*/include", "nvidia/cu*/include"):
+            dirs.extend(glob.glob(os.path.join(base, pattern)))
+    return sorted({d for d in dirs if os.path.isdir(d)})
+
+
+def _extensions():
+    from torch.utils import cpp_extension
+
+    with_cuda, why = _cuda_decision()
+    print(f"fastopt: CUDA kernels {'built' if with_cuda else 'skipped'} ({why})", flush=True)
+    with open(os.path.join(ROOT, "fastopt", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        f.write(f"WITH_CUDA = {with_cuda!r}\nCUDA_REASON = {why!r}\n")
+
+    sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno"]
+    define_macros = []
+    if not with_cuda:
+        return [
+            cpp_extension.CppExtension(
+                "fastopt._C",
+                sources,
+                include_dirs=include_dirs,
+                define_macros=define_macros,
+                extra_compile_args={"cxx": cxx_flags},
+            )
+        ]
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    define_macros.append(("FASTOPT_WITH_CUDA", "1"))
+    sources += _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
+    include_dirs += _nvidia_wheel_includes()
+    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    return [
+        cpp_extension.CUDAExtension(
+            "fastopt._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        )
+    ]
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        ext_modules=_extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+if __name__ == "__main__":
+    main()
