@@ -1,0 +1,368 @@
+"""What AdamW and Lion share: gathering, the global-norm pass, skipping, state I/O.
+
+``FusedOptimizer.step`` does only bookkeeping on the host: it gathers the
+tensors of each param group into lists per (device, dtype) bucket, runs one
+global-norm pass when clipping or loss scaling asks for it, folds unscaling
+and clipping into one gradient multiplier, and hands each bucket to the
+backend function resolved by :func:`fastopt.backends.resolve`.
+
+NOTE [no host sync in step]
+On a GPU the norm, the clip coefficient, the skip flag and the step counters
+stay device-side; the kernels read them. Only CPU tensors are ever read on the
+host (there a read is free and lets a skipped step return early).
+
+NOTE [contiguous fast path]
+The compiled backends walk flat memory, so they only receive tensors whose
+parameter, gradient and state are all contiguous. Anything else (a transposed
+view registered as a parameter, say) goes to the reference backend, which
+handles any layout. Correct first; such parameters are rare.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastopt import backends
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _validate_common(lr: Any, weight_decay: float, betas: tuple, max_grad_norm: Any) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        lr_value = float(lr.detach().reshape(()).item())
+    else:
+        lr_value = lr
+    if not 0.0 <= lr_value:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair, got {betas!r}")
+    for i, beta in enumerate(betas):
+        value = float(beta)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    if max_grad_norm is not None:
+        if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be a finite number or None, got {max_grad_norm!r}")
+        if max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+
+
+class _Bucket:
+    """The tensors of one param group that share a device, dtype and layout class."""
+
+    __slots__ = ("backend", "params", "grads", "states", "steps")
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.params: list[Tensor] = []
+        self.grads: list[Tensor] = []
+        self.states: dict[str, list[Tensor]] = defaultdict(list)
+        self.steps: list[Tensor] = []
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base of fastopt's optimizers. Subclasses define the state and the update."""
+
+    # GradScaler's fused-optimizer protocol: the scaler sets ``grad_scale`` and
+    # ``found_inf`` on the optimizer and calls step(); unscaling and the skip
+    # happen here, inside the norm pass and the update kernel.
+    _step_supports_amp_scaling = True
+
+    # Names of the per-parameter moment tensors, in the order the backend takes them.
+    _moment_keys: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: dict[str, Any],
+        *,
+        max_grad_norm: float | None,
+        master_weights: bool,
+        backend: str,
+    ) -> None:
+        backends.check(backend)
+        self.backend = backend
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.master_weights = bool(master_weights)
+        self.last_grad_norm: Tensor | None = None
+        self._skipped_steps: Tensor | int = 0
+        self._attempted_steps = 0
+        super().__init__(params, defaults)
+
+    # ---- counters ---------------------------------------------------------------
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient (or the norm) was not finite.
+
+        On a GPU the count lives on the device; reading it synchronises.
+        """
+        s = self._skipped_steps
+        return int(s.item()) if isinstance(s, Tensor) else int(s)
+
+    @property
+    def applied_steps(self) -> int:
+        """Steps that updated the parameters (skipped steps excluded)."""
+        return self._attempted_steps - self.skipped_steps
+
+    # ---- helpers subclasses use ----------------------------------------------------
+
+    def _uses_master(self, p: Tensor) -> bool:
+        return self.master_weights and p.dtype in _LOW_PRECISION
+
+    def _state_dtype(self, p: Tensor) -> torch.dtype:
+        return torch.float32 if self._uses_master(p) else p.dtype
+
+    def _step_tensor(self, p: Tensor, value: float = 0.0) -> Tensor:
+        # torch keeps `step` as a float32 scalar on the CPU for CPU params; on a
+        # GPU we keep it on the device so the kernels read it without a sync.
+        device = p.device if p.device.type != "cpu" else torch.device("cpu")
+        return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = self._step_tensor(p)
+        for key in self._required_state_keys(group):
+            if key not in state:
+                state[key] = torch.zeros_like(
+                    p, dtype=self._state_dtype(p), memory_format=torch.preserve_format
+                )
+        if self._uses_master(p) and "master_param" not in state:
+            state["master_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
+
+    def _required_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return self._moment_keys
+
+    def _check_param(self, p: Tensor, where: str) -> None:
+        """Hook for per-parameter type checks at step time (Lion rejects complex)."""
+
+    # ---- gathering ----------------------------------------------------------------
+
+    def _gather(self) -> list[tuple[dict[str, Any], dict[tuple, _Bucket]]]:
+        name = type(self).__name__
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            buckets: dict[tuple, _Bucket] = {}
+            keys = self._required_state_keys(group)
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                where = f"param_groups[{gi}]['params'][{pi}]"
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError(f"fastopt.{name} does not support sparse gradients ({where})")
+                self._check_param(p, where)
+                self._init_state(p, group)
+                state = self.state[p]
+                tensors = [p.detach(), g.detach()] + [state[k] for k in keys]
+                master = state.get("master_param") if self._uses_master(p) else None
+                if master is not None:
+                    tensors.append(master)
+                if torch.is_complex(p):
+                    tensors = [torch.view_as_real(t) for t in tensors]
+                dense = all(t.is_contiguous() for t in tensors)
+                key = (p.device, tensors[0].dtype, master is not None, dense)
+                bucket = buckets.get(key)
+                if bucket is None:
+                    backend = backends.resolve(self.backend if dense else "reference", p.device)
+                    bucket = buckets[key] = _Bucket(backend)
+                bucket.params.append(tensors[0])
+                bucket.grads.append(tensors[1])
+                for k, t in zip(keys, tensors[2 : 2 + len(keys)]):
+                    bucket.states[k].append(t)
+                if master is not None:
+                    bucket.states["master_param"].append(tensors[-1])
+                bucket.steps.append(state["step"])
+            if buckets:
+                out.append((group, buckets))
+        return out
+
+    # ---- the global-norm pass -------------------------------------------------------
+
+    def _norm_and_skip(
+        self, work, grad_scale: Tensor | None, found_inf: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Global norm, gradient multiplier and skip flag (all device-side 0-dim fp32).
+
+        Returns ``(grad_mul, skip)``; both None when neither clipping nor loss
+        scaling asks for a norm.
+        """
+        if self.max_grad_norm is None and grad_scale is None and found_inf is None:
+            self.last_grad_norm = None
+            return None, None
+        partials = [
+            bucket.backend.grad_sumsq(bucket.grads)
+            for _, buckets in work
+            for bucket in buckets.values()
+        ]
+        device = partials[0].device
+        total = torch.stack([s.to(device, non_blocking=True) for s in partials]).double().sum()
+        norm = total.sqrt()
+        inv_scale = None
+        if grad_scale is not None:
+            # The reciprocal in double, as torch's GradScaler computes inv_scale.
+            inv_scale = grad_scale.to(device).double().reciprocal().float()
+            norm = norm * inv_scale.double()
+        norm = norm.float()
+        self.last_grad_norm = norm
+        skip = (~torch.isfinite(norm)).float()
+        if found_inf is not None:
+            found_inf_here = found_inf.to(device)
+            skip = torch.maximum(skip, (found_inf_here != 0).float())
+            # Report what the norm pass found back to the scaler (see fastopt.GradScaler).
+            found_inf.copy_(torch.maximum(found_inf, skip.to(found_inf.device)))
+        grad_mul = inv_scale
+        if self.max_grad_norm is not None:
+            coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            grad_mul = coef if grad_mul is None else grad_mul * coef
+        if grad_mul is None:
+            grad_mul = torch.ones((), dtype=torch.float32, device=device)
+        return grad_mul, skip
+
+    # ---- step -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; returns the closure's loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._gather()
+        if not work:
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        grad_mul, skip = self._norm_and_skip(work, grad_scale, found_inf)
+        self._attempted_steps += 1
+        if skip is not None:
+            if skip.device.type == "cpu":
+                if skip.item() != 0:
+                    self._skipped_steps = self._skipped_steps + 1
+                    return loss
+                skip = None  # known finite: the kernels need not read a flag
+            else:
+                if not isinstance(self._skipped_steps, Tensor):
+                    self._skipped_steps = torch.tensor(
+                        float(self._skipped_steps), device=skip.device
+                    )
+                self._skipped_steps.add_(skip.to(self._skipped_steps.device))
+        for group, buckets in work:
+            for bucket in buckets.values():
+                device = bucket.params[0].device
+                if skip is None:
+                    torch._foreach_add_(bucket.steps, 1.0)
+                    bucket_skip = None
+                else:
+                    bucket_skip = skip.to(device, non_blocking=True)
+                    torch._foreach_add_(bucket.steps, 1.0 - bucket_skip)
+                bucket_mul = None if grad_mul is None else grad_mul.to(device, non_blocking=True)
+                self._update(group, bucket, bucket_mul, bucket_skip)
+        return loss
+
+    def _update(self, group, bucket: _Bucket, grad_mul: Tensor | None, skip: Tensor | None):
+        raise NotImplementedError
+
+    @staticmethod
+    def _group_lr(group: dict[str, Any], device: torch.device) -> float | Tensor:
+        lr = group["lr"]
+        if isinstance(lr, Tensor) and lr.device != device:
+            lr = lr.to(device, non_blocking=True)
+        return lr
+
+    # ---- state dict -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["fastopt"] = {
+            "skipped_steps": self.skipped_steps,
+            "attempted_steps": self._attempted_steps,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a fastopt or torch.optim state dict.
+
+        torch's loader casts every floating state tensor to its parameter's
+        dtype, which would turn fp32 masters and fp32 moments of a bf16
+        parameter into bf16. After it runs, the states are re-taken from the
+        saved tensors with this optimizer's dtype policy, bit for bit. Loading
+        never changes this optimizer's own flags (backend, master_weights,
+        max_grad_norm).
+        """
+        saved_state = state_dict["state"]
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        extra = state_dict.get("fastopt")
+        plain = {k: v for k, v in state_dict.items() if k != "fastopt"}
+        super().load_state_dict(plain)
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for saved_id, p in zip(saved_ids, params):
+            if saved_id not in saved_state:
+                continue
+            src = saved_state[saved_id]
+            state = self.state[p]
+            for key, value in src.items():
+                if key == "step":
+                    state["step"] = self._step_tensor(p, float(value))
+                elif key == "master_param":
+                    continue
+                elif isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
+                    state[key] = value.to(device=p.device, dtype=self._state_dtype(p), copy=True)
+            if self._uses_master(p):
+                master = src.get("master_param")
+                state["master_param"] = (
+                    master.to(device=p.device, dtype=torch.float32, copy=True)
+                    if master is not None
+                    else p.detach().float().clone(memory_format=torch.preserve_format)
+                )
+            else:
+                state.pop("master_param", None)
+            self._init_state(p, group_of[id(p)])
+        if extra is not None:
+            self._skipped_steps = int(extra.get("skipped_steps", 0))
+            self._attempted_steps = int(extra.get("attempted_steps", 0))
+        else:
+            # A torch checkpoint: torch does not advance `step` on skipped steps,
+            # so the largest step is the number of applied steps.
+            steps = [float(s["step"]) for s in self.state.values() if "step" in s]
+            self._skipped_steps = 0
+            self._attempted_steps = int(max(steps)) if steps else 0
+
+    # ---- pickling / deepcopy ------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(
+            backend=self.backend,
+            max_grad_norm=self.max_grad_norm,
+            master_weights=self.master_weights,
+            last_grad_norm=self.last_grad_norm,
+            _skipped_steps=self._skipped_steps,
+            _attempted_steps=self._attempted_steps,
+        )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("backend", "auto")
+        state.setdefault("max_grad_norm", None)
+        state.setdefault("master_weights", False)
+        state.setdefault("last_grad_norm", None)
+        state.setdefault("_skipped_steps", 0)
+        state.setdefault("_attempted_steps", 0)
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
