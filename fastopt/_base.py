@@ -356,12 +356,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("backend", "auto")
-        state.setdefault("max_grad_norm", None)
-        state.setdefault("master_weights", False)
-        state.setdefault("last_grad_norm", None)
-        state.setdefault("_skipped_steps", 0)
-        state.setdefault("_attempted_steps", 0)
+        # torch's load_state_dict also calls __setstate__ (with state and groups
+        # only): construction flags already on the object must survive it.
+        defaults = dict(backend="auto", max_grad_norm=None, master_weights=False,
+                        last_grad_norm=None, _skipped_steps=0, _attempted_steps=0)
+        for key, value in defaults.items():
+            if key not in state and key not in self.__dict__:
+                state[key] = value
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
