@@ -39,11 +39,11 @@ def set_grads(params, grads):
 def assert_state_equal(opt_a, params_a, opt_b, params_b, keys, **tol):
     """Parameters and every listed state tensor of two optimizers agree."""
     for i, (pa, pb) in enumerate(zip(params_a, params_b)):
-        torch.testing.assert_close(pa, pb, msg=lambda m: f"param {i}: {m}", **tol)
+        torch.testing.assert_close(pa, pb, msg=lambda m, i=i: f"param {i}: {m}", **tol)
         sa, sb = opt_a.state[pa], opt_b.state[pb]
         assert set(keys) <= set(sa) and set(keys) <= set(sb) or (not sa and not sb), (i, sa.keys(), sb.keys())
         for k in keys:
             if k in sa or k in sb:
                 torch.testing.assert_close(
-                    sa[k].to(sb[k].dtype), sb[k], msg=lambda m, k=k: f"param {i} state {k}: {m}", **tol
+                    sa[k].to(sb[k].dtype), sb[k], msg=lambda m, i=i, k=k: f"param {i} state {k}: {m}", **tol
                 )

@@ -187,7 +187,7 @@ def test_every_lr_scheduler(name, backend):
     opt = fastopt.AdamW(pb, lr=1e-2, backend=backend)
     sa, sb = make(ref), make(opt)
     gen = torch.Generator().manual_seed(0)
-    for step in range(6):
+    for _ in range(6):
         grads = [torch.randn(p.shape, generator=gen) for p in base]
         set_grads(pa, grads)
         set_grads(pb, grads)

@@ -118,7 +118,7 @@ def _scaled_training(opt_factory, scaler_cls, steps, overflow_at=None, seed=0):
             scaler.step(opt)
             scaler.update()
         opt.zero_grad(set_to_none=True)
-        history.append((scaler.get_scale() if scaler else None))
+        history.append(scaler.get_scale() if scaler else None)
     return model, opt, scaler, history
 
 
@@ -233,7 +233,7 @@ def test_master_weights_follow_fp32_math(backend, dtype, opt_name):
         set_grads(p32, [g.float() for g in grads])
         ref.step()
         opt.step()
-        for i, (a, b) in enumerate(zip(p32, plow)):
+        for a, b in zip(p32, plow):
             st = opt.state[b]
             assert st["master_param"].dtype == torch.float32
             # the master follows fp32 math on an fp32 copy at fp32 tolerance
