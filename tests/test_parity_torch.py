@@ -63,7 +63,8 @@ def test_large_tensor(backend):
 
 def test_many_small_tensors(backend):
     shapes = [((i * 7) % 13 + 1, (i % 5) + 1) for i in range(2000)]
-    _lockstep(shapes, 3, backend, torch_kwargs=dict(lr=1e-2))
+    # Under the Triton interpreter every program runs in Python: two steps there.
+    _lockstep(shapes, 2 if backend == "triton" else 3, backend, torch_kwargs=dict(lr=1e-2))
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])
