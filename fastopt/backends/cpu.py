@@ -1,0 +1,110 @@
+"""The cpu backend: the C++ extension's multi-threaded, vectorized kernels.
+
+One call runs one parallel region over all tensors of a (device, dtype) group
+(csrc/cpu/ops_cpu.cpp; NOTE [multi-tensor chunking] in csrc/cpu/multi_tensor.h).
+The per-element math is csrc/include/fastopt/update_math.h, the same as the
+CUDA kernels'. Storage dtypes the kernels do not handle (float64) go to the
+reference backend, which computes them the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastopt import _ops
+from fastopt.backends import reference
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def available() -> str | None:
+    return _ops.LOAD_ERROR
+
+
+def supports(device: torch.device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def _lr_args(lr: float | Tensor) -> tuple[float, Tensor | None]:
+    if isinstance(lr, Tensor):
+        return 0.0, lr.detach().to(device="cpu", dtype=torch.float32)
+    return float(lr), None
+
+
+def grad_sumsq(grads: list[Tensor]) -> Tensor:
+    """Sum of squares of all elements (accumulated in float64), as a float32 0-dim tensor."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    with torch.no_grad():
+        return torch.ops.fastopt.grad_sumsq.default([g.detach() for g in grads])
+
+
+def adamw_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    master_params: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """In-place AdamW over lists of tensors; see fastopt.backends.reference.adamw_."""
+    if not params:
+        return
+    if params[0].dtype not in _KERNEL_DTYPES:
+        reference.adamw_(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
+        )  # fmt: skip
+        return
+    lr_value, lr_tensor = _lr_args(lr)
+    with torch.no_grad():
+        torch.ops.fastopt.adamw_.default(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [],
+            master_params, steps, lr_value, lr_tensor, beta1, beta2, eps, weight_decay,
+            amsgrad, maximize, grad_scale, found_inf,
+        )  # fmt: skip
+
+
+def lion_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    master_params: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_scale: Tensor | None,
+    found_inf: Tensor | None,
+) -> None:
+    """In-place Lion over lists of tensors; see fastopt.backends.reference.lion_."""
+    if not params:
+        return
+    if params[0].dtype not in _KERNEL_DTYPES:
+        reference.lion_(
+            params, grads, exp_avgs, master_params, lr=lr, beta1=beta1, beta2=beta2,
+            weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
+            found_inf=found_inf,
+        )  # fmt: skip
+        return
+    lr_value, lr_tensor = _lr_args(lr)
+    with torch.no_grad():
+        torch.ops.fastopt.lion_.default(
+            params, grads, exp_avgs, master_params, lr_value, lr_tensor, beta1, beta2,
+            weight_decay, maximize, grad_scale, found_inf,
+        )  # fmt: skip
