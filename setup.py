@@ -32,7 +32,10 @@ def _cuda_home(cpp_extension):
     # torch guesses the toolkit root from `which nvcc`; a wrapper script such as
     # /usr/local/bin/nvcc makes that guess /usr/local, which has no CUDA headers.
     # Fall back to /usr/local/cuda then (_cuda_decision points torch's build there).
+    # A root the user names in CUDA_HOME/CUDA_PATH is taken as given.
     home = cpp_extension.CUDA_HOME
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return home
     if home is not None and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
         return home
     fallback = "/usr/local/cuda"

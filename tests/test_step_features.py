@@ -298,3 +298,16 @@ def test_lion_matches_paper_update(backend, maximize):
         if step == 0:
             # only weight decay moved the zero-gradient elements
             torch.testing.assert_close(p.detach()[:7].double(), w[:7])
+
+
+@pytest.mark.parametrize("opt_cls", [fastopt.AdamW, fastopt.Lion])
+def test_nan_gradient_without_norm_pass_propagates(backend, opt_cls):
+    """With no clipping and no scaler nothing computes a norm: NaN shows in the weights."""
+    p = torch.randn(1025, requires_grad=True)
+    opt = opt_cls([p], lr=1e-2, backend=backend)
+    g = torch.randn(1025)
+    g[[0, 511, 1024]] = float("nan")
+    p.grad = g
+    opt.step()
+    assert torch.isnan(p.detach()[[0, 511, 1024]]).all()
+    assert torch.isfinite(p.detach()[1:511]).all()

@@ -135,7 +135,9 @@ def lion_(
         w = master if master is not None else p.detach().float()
         m = exp_avgs[i].float()
 
-        update = m.lerp(g, 1 - beta1).sign_()
+        c = m.lerp(g, 1 - beta1)
+        # sign(0) = 0; a NaN stays NaN (torch.sign maps it to 0, which would hide it).
+        update = torch.where(c.isnan(), c, c.sign())
         w.mul_(1 - lr * weight_decay).add_(update, alpha=-lr)
         m.lerp_(g, 1 - beta2)
 
