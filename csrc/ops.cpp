@@ -32,6 +32,10 @@ TORCH_LIBRARY(fastopt, m) {
   // Sum of squares of every element of every tensor, as a float32 0-dim
   // tensor on the tensors' device (accumulated in double on the CPU).
   m.def("grad_sumsq(Tensor[] grads) -> Tensor");
+  // steps[i] += value for float32 0-dim tensors. On the CPU this replaces
+  // torch._foreach_add_, which dispatches once per tensor (NOTE [step counters]
+  // in fastopt/_base.py); GPUs keep torch's fused _foreach_add_.
+  m.def("steps_add_(Tensor(a!)[] steps, float value) -> ()");
 }
 
 // The extension is loaded as a Python module (fastopt._C) so that importing it

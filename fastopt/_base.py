@@ -61,14 +61,54 @@ def _validate_common(lr: Any, weight_decay: float, betas: tuple, max_grad_norm: 
 class _Bucket:
     """The tensors of one param group that share a device, dtype and layout class."""
 
-    __slots__ = ("backend", "params", "grads", "states", "steps")
+    __slots__ = ("backend", "params", "grads", "states", "steps", "indices", "state_dicts",
+                 "grad_dtype", "dense")
 
-    def __init__(self, backend):
+    def __init__(self, backend, grad_dtype, dense):
         self.backend = backend
+        self.grad_dtype = grad_dtype
+        self.dense = dense
         self.params: list[Tensor] = []
         self.grads: list[Tensor] = []
         self.states: dict[str, list[Tensor]] = defaultdict(list)
         self.steps: list[Tensor] = []
+        self.indices: list[int] = []  # positions in group["params"]
+        self.state_dicts: list[dict] = []
+
+    def refresh(self, grads: list[Tensor | None], optimizer_state) -> bool:
+        """Re-take this step's gradients; False if anything the cache relied on changed."""
+        gl = [grads[i] for i in self.indices]
+        for g in gl:
+            if g.is_sparse or g.dtype != self.grad_dtype or (self.dense and not g.is_contiguous()):
+                return False
+        for p, st in zip(self.params, self.state_dicts):
+            if optimizer_state.get(p) is not st:
+                return False
+        for key, tensors in self.states.items():
+            if not all(st.get(key) is t for st, t in zip(self.state_dicts, tensors)):
+                return False
+        if not all(st.get("step") is t for st, t in zip(self.state_dicts, self.steps)):
+            return False
+        self.grads = gl
+        return True
+
+
+class _GatherCache:
+    """NOTE [gather cache]
+    Sorting thousands of parameters into buckets costs tens of microseconds
+    each in Python, more than the fused kernel itself for small tensors. The
+    buckets of a group are kept while the group's parameter list, the set of
+    parameters that have gradients, the construction flags and every state
+    tensor (checked by identity) stay the same; each step only re-reads
+    ``.grad`` and checks it (sparse, dtype, layout). Any change rebuilds.
+    Groups with complex parameters are not cached (their real views would go
+    stale if ``.data`` were replaced).
+    """
+
+    __slots__ = ("params", "mask", "flags", "buckets")
+
+    def __init__(self, params, mask, flags, buckets):
+        self.params, self.mask, self.flags, self.buckets = params, mask, flags, buckets
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -151,43 +191,71 @@ class FusedOptimizer(torch.optim.Optimizer):
     # ---- gathering ----------------------------------------------------------------
 
     def _gather(self) -> list[tuple[dict[str, Any], dict[tuple, _Bucket]]]:
-        name = type(self).__name__
         out = []
+        cache = self.__dict__.setdefault("_gather_cache", {})
         for gi, group in enumerate(self.param_groups):
-            buckets: dict[tuple, _Bucket] = {}
-            keys = self._required_state_keys(group)
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                where = f"param_groups[{gi}]['params'][{pi}]"
-                g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError(f"fastopt.{name} does not support sparse gradients ({where})")
-                self._check_param(p, where)
-                self._init_state(p, group)
-                state = self.state[p]
-                tensors = [p.detach(), g.detach()] + [state[k] for k in keys]
-                master = state.get("master_param") if self._uses_master(p) else None
-                if master is not None:
-                    tensors.append(master)
-                if torch.is_complex(p):
-                    tensors = [torch.view_as_real(t) for t in tensors]
-                dense = all(t.is_contiguous() for t in tensors)
-                key = (p.device, tensors[0].dtype, master is not None, dense)
-                bucket = buckets.get(key)
-                if bucket is None:
-                    backend = backends.resolve(self.backend if dense else "reference", p.device)
-                    bucket = buckets[key] = _Bucket(backend)
-                bucket.params.append(tensors[0])
-                bucket.grads.append(tensors[1])
-                for k, t in zip(keys, tensors[2 : 2 + len(keys)]):
-                    bucket.states[k].append(t)
-                if master is not None:
-                    bucket.states["master_param"].append(tensors[-1])
-                bucket.steps.append(state["step"])
+            params = group["params"]
+            grads = [p.grad for p in params]
+            mask = [g is not None for g in grads]
+            flags = (self.backend, self.master_weights, self._required_state_keys(group))
+            entry = cache.get(gi)
+            buckets = None
+            if (
+                entry is not None
+                and entry.params is params
+                and entry.flags == flags
+                and entry.mask == mask
+                and all(b.refresh(grads, self.state) for b in entry.buckets.values())
+            ):
+                buckets = entry.buckets
+            else:
+                buckets, cacheable = self._build_buckets(gi, group, grads)
+                cache[gi] = _GatherCache(params, mask, flags, buckets) if cacheable else None
             if buckets:
                 out.append((group, buckets))
+        for gi in [k for k in cache if k >= len(self.param_groups)]:
+            del cache[gi]
         return out
+
+    def _build_buckets(self, gi: int, group: dict[str, Any], grads: list[Tensor | None]):
+        name = type(self).__name__
+        buckets: dict[tuple, _Bucket] = {}
+        keys = self._required_state_keys(group)
+        cacheable = True
+        for pi, (p, g) in enumerate(zip(group["params"], grads)):
+            if g is None:
+                continue
+            where = f"param_groups[{gi}]['params'][{pi}]"
+            if g.is_sparse:
+                raise RuntimeError(f"fastopt.{name} does not support sparse gradients ({where})")
+            self._check_param(p, where)
+            self._init_state(p, group)
+            state = self.state[p]
+            # The ops mutate p in place under no_grad; p itself (not a detached
+            # alias) is passed so that a later `p.data = ...` is seen.
+            tensors = [p, g] + [state[k] for k in keys]
+            master = state.get("master_param") if self._uses_master(p) else None
+            if master is not None:
+                tensors.append(master)
+            if torch.is_complex(p):
+                tensors = [torch.view_as_real(t.detach()) for t in tensors]
+                cacheable = False
+            dense = all(t.is_contiguous() for t in tensors)
+            key = (p.device, tensors[0].dtype, master is not None, dense)
+            bucket = buckets.get(key)
+            if bucket is None:
+                backend = backends.resolve(self.backend if dense else "reference", p.device)
+                bucket = buckets[key] = _Bucket(backend, g.dtype, dense)
+            bucket.params.append(tensors[0])
+            bucket.grads.append(tensors[1])
+            for k, t in zip(keys, tensors[2 : 2 + len(keys)]):
+                bucket.states[k].append(t)
+            if master is not None:
+                bucket.states["master_param"].append(tensors[-1])
+            bucket.steps.append(state["step"])
+            bucket.indices.append(pi)
+            bucket.state_dicts.append(state)
+        return buckets, cacheable
 
     # ---- the global-norm pass -------------------------------------------------------
 
@@ -263,7 +331,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             for bucket in buckets.values():
                 device = bucket.params[0].device
                 if skip is None:
-                    torch._foreach_add_(bucket.steps, 1.0)
+                    # NOTE [step counters]: torch's `step` is one float32 scalar
+                    # tensor per parameter. On the CPU torch._foreach_add_ over
+                    # thousands of them dispatches once per tensor, which costs
+                    # more than a fused update of small tensors; the cpu backend
+                    # adds to them in one C++ loop instead.
+                    steps_add_ = getattr(bucket.backend, "steps_add_", None)
+                    if steps_add_ is not None and device.type == "cpu":
+                        steps_add_(bucket.steps, 1.0)
+                    else:
+                        torch._foreach_add_(bucket.steps, 1.0)
                     bucket_skip = None
                 else:
                     bucket_skip = skip.to(device, non_blocking=True)

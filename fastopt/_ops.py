@@ -46,6 +46,10 @@ if LOAD_ERROR is None:
     ) -> None:  # fmt: skip
         return None
 
+    @torch.library.register_fake("fastopt::steps_add_")
+    def _steps_add_fake(steps, value) -> None:
+        return None
+
     @torch.library.register_fake("fastopt::grad_sumsq")
     def _grad_sumsq_fake(grads: list[Tensor]) -> Tensor:
         device = grads[0].device if grads else torch.device("cpu")

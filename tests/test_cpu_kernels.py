@@ -482,3 +482,16 @@ def test_step_allocates_nothing_proportional_to_the_model():
         f"peak RSS grew {growth_mib:.1f} MiB during a step of a {model_mib:.0f} MiB model"
     )
     assert math.isfinite(s["params"][0][0].item())
+
+
+def test_opcheck_steps_add():
+    steps = [torch.tensor(float(i), dtype=torch.float32) for i in range(5)]
+    torch.library.opcheck(torch.ops.fastopt.steps_add_.default, (steps, 1.0))
+
+
+def test_steps_add_increments_each_counter():
+    steps = [torch.tensor(float(i), dtype=torch.float32) for i in range(300)]
+    torch.ops.fastopt.steps_add_(steps, 1.0)
+    assert [float(s) for s in steps] == [float(i + 1) for i in range(300)]
+    with pytest.raises(RuntimeError, match=r"steps\[1\] must be a float32 CPU scalar"):
+        torch.ops.fastopt.steps_add_([torch.tensor(0.0), torch.tensor(0.0, dtype=torch.float64)], 1.0)

@@ -318,10 +318,21 @@ Tensor grad_sumsq_cpu(TensorList grads) {
   return at::scalar_tensor(static_cast<float>(total), at::TensorOptions().dtype(at::kFloat));
 }
 
+void steps_add_cpu(TensorList steps, double value) {
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const at::Tensor& t = steps[i];
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == 1,
+                "fastopt::steps_add_: steps[", i, "] must be a float32 CPU scalar tensor");
+  }
+  const float add = static_cast<float>(value);
+  for (const at::Tensor& t : steps) *t.data_ptr<float>() += add;
+}
+
 }  // namespace
 }  // namespace fastopt::cpu
 
 TORCH_LIBRARY_IMPL(fastopt, CPU, m) {
+  m.impl("steps_add_", &fastopt::cpu::steps_add_cpu);
   m.impl("adamw_", &fastopt::cpu::adamw_cpu);
   m.impl("lion_", &fastopt::cpu::lion_cpu);
   m.impl("grad_sumsq", &fastopt::cpu::grad_sumsq_cpu);

@@ -108,3 +108,9 @@ def lion_(
             params, grads, exp_avgs, master_params, lr_value, lr_tensor, beta1, beta2,
             weight_decay, maximize, grad_scale, found_inf,
         )  # fmt: skip
+
+
+def steps_add_(steps: list[Tensor], value: float) -> None:
+    """steps[i] += value in one call (see NOTE [step counters] in fastopt/_base.py)."""
+    if steps:
+        torch.ops.fastopt.steps_add_(steps, float(value))
