@@ -31,13 +31,16 @@ if [ -z "${CUDA_HOME:-}" ]; then
   done
 fi
 
+# pip warns about every local index folder a package is missing from; drop that noise.
+pipq() { python -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither a file" >&2); }
+
 stamp=".venv/.fastopt-setup"
 want="$(find pyproject.toml setup.py csrc -type f | sort | xargs cat | sha1sum | cut -c1-16) ${TORCH_SPEC} ${FASTOPT_BUILD_CUDA:-auto}"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "== fastopt set-up: $TORCH_SPEC, extension build (CUDA_HOME=${CUDA_HOME:-none})"
-  python -m pip install --quiet --upgrade pip setuptools wheel ninja
-  python -m pip install --quiet "$TORCH_SPEC" numpy
-  python -m pip install --quiet "pytest>=8" "hypothesis>=6" "pytest-benchmark>=4" ruff matplotlib tqdm
+  pipq --upgrade pip setuptools wheel ninja
+  pipq "$TORCH_SPEC" numpy
+  pipq "pytest>=8" "hypothesis>=6" "pytest-benchmark>=4" ruff matplotlib tqdm
   start=$(date +%s)
   if ! python -m pip install --no-build-isolation --no-deps -v -e . > .venv/build.log 2>&1; then
     tail -n 60 .venv/build.log
