@@ -1,0 +1,1 @@
+"""Benchmarks of fastopt against stock PyTorch and peers (not part of the test suite)."""
