@@ -6,7 +6,6 @@ See NOTE [triton multi-tensor] and NOTE [explicit RNE in Triton].
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -57,20 +56,12 @@ def _lion_kernel(
     one_minus_beta2 = tl.cast(one_minus_beta2, tl.float32)
     grad_sign = tl.cast(grad_sign, tl.float32)
     if tl.load(found_inf_ptr) == 0.0:
-        entry = tl.load(chunks_ptr + tl.program_id(0))
-        row = rows_ptr + (entry >> 32) * ROW_WIDTH
-        start = (entry & 0xFFFFFFFF) * CHUNK  # int64: tensors beyond 2^31 elements
-        n = tl.load(row + 0)
+        row, start, n = mt.locate_chunk(chunks_ptr, rows_ptr, ROW_WIDTH, CHUNK)
         S_DTYPE: tl.constexpr = tl.float32 if MASTER else P_DTYPE
-        p_ptr = tl.load(row + 2).to(tl.pointer_type(P_DTYPE))
-        g_ptr = tl.load(row + 3).to(tl.pointer_type(G_DTYPE))
-        m_ptr = tl.load(row + 4).to(tl.pointer_type(S_DTYPE))
-        w_ptr = tl.load(row + 5).to(tl.pointer_type(tl.float32)) if MASTER else p_ptr
-        if ALIGNED:
-            p_ptr = tl.multiple_of(p_ptr, 16)
-            g_ptr = tl.multiple_of(g_ptr, 16)
-            m_ptr = tl.multiple_of(m_ptr, 16)
-            w_ptr = tl.multiple_of(w_ptr, 16)
+        p_ptr = mt.array_ptr(row, 0, P_DTYPE, ALIGNED)
+        g_ptr = mt.array_ptr(row, 1, G_DTYPE, ALIGNED)
+        m_ptr = mt.array_ptr(row, 2, S_DTYPE, ALIGNED)
+        w_ptr = mt.array_ptr(row, 3, tl.float32, ALIGNED) if MASTER else p_ptr
 
         lr = lr64.to(tl.float32)
         decay = (1.0 - lr64 * weight_decay).to(tl.float32)
@@ -81,11 +72,7 @@ def _lion_kernel(
             if is_tail == MASKED:
                 end = n if MASKED else start + CHUNK
                 for block_start in range(start, end, BLOCK):
-                    offs = block_start + tl.arange(0, BLOCK).to(tl.int64)
-                    if MASKED:
-                        mask = offs < n
-                    else:
-                        mask = tl.full([BLOCK], 1, tl.int1)
+                    offs, mask = mt.block_offsets(block_start, n, BLOCK, MASKED)
                     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_mul
                     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -134,25 +121,11 @@ def lion_(
     """In-place Lion over contiguous tensors of one device and param dtype; no host sync."""
     if not params:
         return
-    device = params[0].device
-    if isinstance(lr, Tensor):
-        lr_hi, lr_lo, lr_ptr = 1.0, 0.0, mt.scalar_tensor(lr, 1.0, device, torch.float64)
-    else:
-        (lr_hi, lr_lo), lr_ptr = (
-            mt.split_double(float(lr)),
-            mt.device_scalar(1.0, device, torch.float64),
-        )
-    grad_mul = mt.scalar_tensor(grad_scale, 1.0, device)
-    found = mt.scalar_tensor(found_inf, 0.0, device)
+    (lr_hi, lr_lo, lr_ptr), grad_mul, found = mt.update_scalars(
+        params[0].device, lr, grad_scale, found_inf
+    )
     master = bool(master_params)
-    by_grad_dtype: dict[torch.dtype, list[int]] = {}
-    for i, g in enumerate(grads):
-        by_grad_dtype.setdefault(g.dtype, []).append(i)
-    for g_dtype, idx in by_grad_dtype.items():
-
-        def pick(lst, idx=idx):
-            return lst if len(idx) == len(lst) else [lst[i] for i in idx]
-
+    for g_dtype, pick in mt.by_grad_dtype(grads):
         p = pick(params)
         arrays = [p, pick(grads), pick(exp_avgs), pick(master_params) if master else p]
         table = mt.launch_table(arrays)

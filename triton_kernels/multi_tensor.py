@@ -42,9 +42,12 @@ import math
 import os
 import struct
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 # Elements per program. 8192 fp32 AdamW elements move ~224 KB per program:
@@ -82,6 +85,44 @@ ROW_WIDTH = 8  # room for numel, step and up to six arrays
 
 _ALIGN_BYTES = 16
 _CACHE_SIZE = 64
+
+# ---- device side: the table walk every kernel starts with --------------------
+# NOTE [interpreter cost of jit calls] (adamw.py) applies: these are called once
+# per program (locate_chunk, array_ptr) or once per block (block_offsets), never
+# per element. Compiled, they inline: the PTX is the same as with the code
+# written out in each kernel.
+
+
+@triton.jit
+def locate_chunk(chunks_ptr, rows_ptr, ROW_WIDTH: tl.constexpr, CHUNK: tl.constexpr):
+    """This program's chunk: (its tensor's row, the chunk's first element, the tensor's numel)."""
+    entry = tl.load(chunks_ptr + tl.program_id(0))
+    row = rows_ptr + (entry >> 32) * ROW_WIDTH
+    start = (entry & 0xFFFFFFFF) * CHUNK  # int64: tensors beyond 2^31 elements
+    n = tl.load(row + 0)  # ROW_NUMEL
+    return row, start, n
+
+
+@triton.jit
+def array_ptr(row, K: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Array ``K`` of a tensor row as a typed pointer, marked 16-byte aligned when
+    the group is (the hint 128-bit accesses need, NOTE [triton multi-tensor])."""
+    ptr = tl.load(row + 2 + K).to(tl.pointer_type(DTYPE))  # ROW_ARRAYS + K
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def block_offsets(block_start, n, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    """Element offsets of one block and their mask: ``offs < n`` for a tensor's last
+    chunk, an all-true constant (which the compiler drops) for a full one."""
+    offs = block_start + tl.arange(0, BLOCK).to(tl.int64)
+    if MASKED:
+        mask = offs < n
+    else:
+        mask = tl.full([BLOCK], 1, tl.int1)
+    return offs, mask
 
 
 def chunk_entries(numels: list[int], chunk: int = CHUNK) -> Tensor:
@@ -223,6 +264,43 @@ def split_double(x: float) -> tuple[float, float]:
     hi = struct.unpack("f", struct.pack("f", x))[0] if math.isfinite(x) else x
     lo = x - hi if math.isfinite(x) else 0.0
     return hi, lo
+
+
+def update_scalars(
+    device: torch.device, lr: float | Tensor, grad_scale: Tensor | None, found_inf: Tensor | None
+) -> tuple[tuple[float, float, Tensor], Tensor, Tensor]:
+    """The scalar launch arguments every update kernel takes, built without a sync.
+
+    Returns ``((lr_hi, lr_lo, lr_ptr), grad_mul, found)``: the kernel forms
+    lr = (lr_hi + lr_lo) * *lr_ptr in fp64, so a Python lr travels split in two
+    (NOTE [double scalars through fp32 arguments]) with lr_ptr -> 1.0, and a
+    tensor lr travels as 1.0 + 0.0 times its fp64 value read on the device.
+    """
+    if isinstance(lr, Tensor):
+        lr_args = (1.0, 0.0, scalar_tensor(lr, 1.0, device, torch.float64))
+    else:
+        lr_args = (*split_double(float(lr)), device_scalar(1.0, device, torch.float64))
+    grad_mul = scalar_tensor(grad_scale, 1.0, device)
+    found = scalar_tensor(found_inf, 0.0, device)
+    return lr_args, grad_mul, found
+
+
+def by_grad_dtype(grads: list[Tensor]) -> Iterator[tuple[torch.dtype, Callable[[list], list]]]:
+    """One ``(grad dtype, pick)`` per gradient dtype present, in first-seen order.
+
+    ``pick(lst)`` selects that group's entries from any list parallel to
+    ``grads`` (the list itself when every gradient shares the dtype, so the
+    usual single-dtype group keeps its identity and builds no new lists).
+    """
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, g in enumerate(grads):
+        groups.setdefault(g.dtype, []).append(i)
+    for g_dtype, idx in groups.items():
+
+        def pick(lst: list, idx: list[int] = idx) -> list:
+            return lst if len(idx) == len(lst) else [lst[i] for i in idx]
+
+        yield g_dtype, pick
 
 
 def clear_cache() -> None:

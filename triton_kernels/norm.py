@@ -27,14 +27,8 @@ def _sumsq_kernel(
     BLOCK: tl.constexpr,  # elements per inner iteration
     CHUNK: tl.constexpr,  # elements per program
 ):
-    pid = tl.program_id(0)
-    entry = tl.load(chunks_ptr + pid)
-    row = rows_ptr + (entry >> 32) * ROW_WIDTH
-    start = (entry & 0xFFFFFFFF) * CHUNK
-    n = tl.load(row + 0)
-    g_ptr = tl.load(row + 2).to(tl.pointer_type(G_DTYPE))
-    if ALIGNED:
-        g_ptr = tl.multiple_of(g_ptr, 16)
+    row, start, n = mt.locate_chunk(chunks_ptr, rows_ptr, ROW_WIDTH, CHUNK)
+    g_ptr = mt.array_ptr(row, 0, G_DTYPE, ALIGNED)
     # Full chunks unmasked, the last chunk masked; one body (see adamw.py).
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     is_tail = (start + CHUNK > n).to(tl.int32)
@@ -42,14 +36,10 @@ def _sumsq_kernel(
         if is_tail == MASKED:
             end = n if MASKED else start + CHUNK
             for block_start in range(start, end, BLOCK):
-                offs = block_start + tl.arange(0, BLOCK).to(tl.int64)
-                if MASKED:
-                    mask = offs < n
-                else:
-                    mask = tl.full([BLOCK], 1, tl.int1)
+                offs, mask = mt.block_offsets(block_start, n, BLOCK, MASKED)
                 g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 acc += g * g
-    tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
+    tl.store(partials_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 
 def grad_sumsq(grads: list[Tensor]) -> Tensor:
@@ -61,12 +51,9 @@ def grad_sumsq(grads: list[Tensor]) -> Tensor:
     if not grads:
         return torch.zeros((), dtype=torch.float32)
     device = grads[0].device
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
     totals = []
-    for g_dtype, group in by_dtype.items():
-        table = mt.launch_table([group])
+    for g_dtype, pick in mt.by_grad_dtype(grads):
+        table = mt.launch_table([pick(grads)])
         if table.n_chunks == 0:
             continue
         partials = torch.empty(table.n_chunks, dtype=torch.float32, device=device)

@@ -65,6 +65,29 @@ at::ScalarType check_params(const char* op, TensorList params) {
   return dtype;
 }
 
+// What the checks of an update op's common lists establish.
+struct UpdateLists {
+  at::ScalarType dtype;        // params and grads
+  at::ScalarType state_dtype;  // moments: float32 with master weights, else dtype
+  bool master;
+  size_t n;  // tensors per list
+};
+
+// Checks the lists every update op takes: params, grads, exp_avgs and (when
+// given) master_params; each op checks its own extra lists after this.
+UpdateLists check_update_lists(const char* op, TensorList params, TensorList grads,
+                               TensorList exp_avgs, TensorList master_params) {
+  UpdateLists l;
+  l.dtype = check_params(op, params);
+  l.master = !master_params.empty();
+  l.state_dtype = l.master ? at::kFloat : l.dtype;
+  l.n = params.size();
+  check_list(op, "grads", grads, l.n, l.dtype, params);
+  check_list(op, "exp_avgs", exp_avgs, l.n, l.state_dtype, params);
+  if (l.master) check_list(op, "master_params", master_params, l.n, at::kFloat, params);
+  return l;
+}
+
 // A 0-dim (or one-element) floating CPU tensor read on the host, once per call.
 std::optional<double> read_scalar(const char* op, const char* name,
                                   const std::optional<Tensor>& t) {
@@ -167,19 +190,14 @@ void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                const std::optional<Tensor>& found_inf) {
   constexpr const char* op = "fastopt::adamw_";
   if (params.empty()) return;
-  const at::ScalarType dtype = check_params(op, params);
-  const bool master = !master_params.empty();
-  const at::ScalarType state_dtype = master ? at::kFloat : dtype;
-  const size_t n = params.size();
-  check_list(op, "grads", grads, n, dtype, params);
-  check_list(op, "exp_avgs", exp_avgs, n, state_dtype, params);
+  const auto [dtype, state_dtype, master, n] =
+      check_update_lists(op, params, grads, exp_avgs, master_params);
   check_list(op, "exp_avg_sqs", exp_avg_sqs, n, state_dtype, params);
   if (amsgrad) {
     check_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, n, state_dtype, params);
   } else {
     TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": max_exp_avg_sqs given but amsgrad is false");
   }
-  if (master) check_list(op, "master_params", master_params, n, at::kFloat, params);
   TORCH_CHECK(steps.size() == n, op, ": steps has ", steps.size(),
               " tensors but params has ", n);
 
@@ -232,13 +250,8 @@ void lion_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
               const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
   constexpr const char* op = "fastopt::lion_";
   if (params.empty()) return;
-  const at::ScalarType dtype = check_params(op, params);
-  const bool master = !master_params.empty();
-  const at::ScalarType state_dtype = master ? at::kFloat : dtype;
-  const size_t n = params.size();
-  check_list(op, "grads", grads, n, dtype, params);
-  check_list(op, "exp_avgs", exp_avgs, n, state_dtype, params);
-  if (master) check_list(op, "master_params", master_params, n, at::kFloat, params);
+  const auto [dtype, state_dtype, master, n] =
+      check_update_lists(op, params, grads, exp_avgs, master_params);
 
   if (skip_step(op, found_inf)) return;
   const float grad_mul = grad_multiplier(op, grad_scale);

@@ -1,11 +1,9 @@
 // AdamW over many tensors in a few launches (see NOTE [multi-tensor chunking]).
 // The arithmetic is fastopt::adamw_element from the shared header; this file
 // only moves bytes to and from it.
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <type_traits>
 
+#include "cuda/dispatch.cuh"
 #include "cuda/launch.h"
 #include "cuda/multi_tensor_apply.cuh"
 #include "fastopt/update_math.h"
@@ -119,17 +117,9 @@ cudaError_t run(const RawLists& l, const AdamWArgs& args, cudaStream_t stream) {
   using L = AdamWLayout<MASTER, AMSGRAD>;
   using Table = TensorTable<L::kDepth>;
   static_assert(sizeof(Table) + sizeof(AdamWArgs) <= kParamBytes, "kernel parameters overflow");
-  cudaError_t err = cudaSuccess;
-  pack_and_launch<L::kDepth>(
-      static_cast<int64_t>(l.numel.size()), [&](int k, int64_t i) { return l.lists[k][i]; },
-      [&](int64_t i) { return l.numel[i]; },
-      [&](const Table& table, int64_t blocks, int64_t) {
-        adamw_kernel<P, MASTER, AMSGRAD>
-            <<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(table, args);
-        const cudaError_t e = cudaGetLastError();
-        if (err == cudaSuccess) err = e;
-      });
-  return err;
+  return launch_lists<L::kDepth>(l, [&](const Table& table, unsigned blocks, int64_t) {
+    adamw_kernel<P, MASTER, AMSGRAD><<<blocks, kBlockThreads, 0, stream>>>(table, args);
+  });
 }
 
 template <typename P>
@@ -152,25 +142,11 @@ cudaError_t run_modes(const RawLists& l, const AdamWCall& call, const AdamWArgs&
 }  // namespace
 
 cudaError_t launch_adamw(const RawLists& lists, const AdamWCall& call, cudaStream_t stream) {
-  AdamWArgs args;
-  args.lr = call.lr;
-  args.beta1 = call.beta1;
-  args.beta2 = call.beta2;
+  AdamWArgs args = update_args<AdamWArgs>(call);
   args.eps = call.eps;
-  args.weight_decay = call.weight_decay;
-  args.lr_ptr = call.lr_ptr;
-  args.grad_scale = call.grad_scale;
-  args.found_inf = call.found_inf;
-  args.maximize = call.maximize;
-  switch (call.param) {
-    case Storage::kFloat:
-      return run_modes<float>(lists, call, args, stream);
-    case Storage::kBFloat16:
-      return run_modes<c10::BFloat16>(lists, call, args, stream);
-    case Storage::kHalf:
-      return run_modes<c10::Half>(lists, call, args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_storage(call.param, [&](auto tag) {
+    return run_modes<typename decltype(tag)::type>(lists, call, args, stream);
+  });
 }
 
 }  // namespace cuda

@@ -9,9 +9,7 @@
 // norm -- and whether a step is skipped as non-finite -- is reproducible.
 // Within a chunk a thread accumulates its <= 128 squares in fp32 (the
 // partials are fp32); across chunks the sum is in double.
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
+#include "cuda/dispatch.cuh"
 #include "cuda/launch.h"
 #include "cuda/multi_tensor_apply.cuh"
 #include "fastopt/update_math.h"
@@ -84,20 +82,15 @@ cudaError_t run(const RawLists& l, float* partials, int64_t first_partial, int64
                 cudaStream_t stream) {
   using Table = TensorTable<1>;
   static_assert(sizeof(Table) + sizeof(SumsqArgs) <= kParamBytes, "kernel parameters overflow");
-  cudaError_t err = cudaSuccess;
-  *written = pack_and_launch<1>(
-      static_cast<int64_t>(l.numel.size()), [&](int k, int64_t i) { return l.lists[k][i]; },
-      [&](int64_t i) { return l.numel[i]; },
-      [&](const Table& table, int64_t blocks, int64_t first_block) {
+  return launch_lists<1>(
+      l,
+      [&](const Table& table, unsigned blocks, int64_t first_block) {
         SumsqArgs args;
         args.partials = partials;
         args.first_partial = first_partial + first_block;
-        grad_sumsq_kernel<T>
-            <<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(table, args);
-        const cudaError_t e = cudaGetLastError();
-        if (err == cudaSuccess) err = e;
-      });
-  return err;
+        grad_sumsq_kernel<T><<<blocks, kBlockThreads, 0, stream>>>(table, args);
+      },
+      written);
 }
 
 }  // namespace
@@ -111,15 +104,9 @@ int64_t grad_sumsq_partials(const std::vector<int64_t>& numel) {
 cudaError_t launch_grad_sumsq_partials(const RawLists& grads, Storage storage, float* partials,
                                        int64_t first_partial, int64_t* written,
                                        cudaStream_t stream) {
-  switch (storage) {
-    case Storage::kFloat:
-      return run<float>(grads, partials, first_partial, written, stream);
-    case Storage::kBFloat16:
-      return run<c10::BFloat16>(grads, partials, first_partial, written, stream);
-    case Storage::kHalf:
-      return run<c10::Half>(grads, partials, first_partial, written, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_storage(storage, [&](auto tag) {
+    return run<typename decltype(tag)::type>(grads, partials, first_partial, written, stream);
+  });
 }
 
 cudaError_t launch_grad_sumsq_finish(const float* partials, int64_t count, float* out,

@@ -20,31 +20,27 @@ struct RawLists {
   std::vector<int64_t> numel;
 };
 
-struct AdamWCall {
+// What every update op's call carries; AdamWCall and LionCall add their own.
+struct UpdateCall {
   Storage param;  // params and grads; states are fp32 iff master
   bool master;
-  bool amsgrad;
   bool maximize;
   double lr;
   const float* lr_ptr;  // overrides lr when non-null
-  double beta1, beta2, eps, weight_decay;
+  double beta1, beta2, weight_decay;
   const float* grad_scale;  // null: 1
   const float* found_inf;   // null: never skip
+};
+
+struct AdamWCall : UpdateCall {
+  bool amsgrad;
+  double eps;
 };
 // lists: params, grads, exp_avgs, exp_avg_sqs, [max_exp_avg_sqs if amsgrad],
 // [master_params if master], steps.
 cudaError_t launch_adamw(const RawLists& lists, const AdamWCall& call, cudaStream_t stream);
 
-struct LionCall {
-  Storage param;
-  bool master;
-  bool maximize;
-  double lr;
-  const float* lr_ptr;
-  double beta1, beta2, weight_decay;
-  const float* grad_scale;
-  const float* found_inf;
-};
+struct LionCall : UpdateCall {};
 // lists: params, grads, exp_avgs, [master_params if master].
 cudaError_t launch_lion(const RawLists& lists, const LionCall& call, cudaStream_t stream);
 

@@ -1,10 +1,8 @@
 // Lion over many tensors in a few launches (see NOTE [multi-tensor chunking]).
 // The arithmetic is fastopt::lion_element from the shared header.
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <type_traits>
 
+#include "cuda/dispatch.cuh"
 #include "cuda/launch.h"
 #include "cuda/multi_tensor_apply.cuh"
 #include "fastopt/update_math.h"
@@ -95,17 +93,9 @@ cudaError_t run(const RawLists& l, const LionArgs& args, cudaStream_t stream) {
   constexpr int kDepth = LionLayout<MASTER>::kDepth;
   using Table = TensorTable<kDepth>;
   static_assert(sizeof(Table) + sizeof(LionArgs) <= kParamBytes, "kernel parameters overflow");
-  cudaError_t err = cudaSuccess;
-  pack_and_launch<kDepth>(
-      static_cast<int64_t>(l.numel.size()), [&](int k, int64_t i) { return l.lists[k][i]; },
-      [&](int64_t i) { return l.numel[i]; },
-      [&](const Table& table, int64_t blocks, int64_t) {
-        lion_kernel<P, MASTER>
-            <<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(table, args);
-        const cudaError_t e = cudaGetLastError();
-        if (err == cudaSuccess) err = e;
-      });
-  return err;
+  return launch_lists<kDepth>(l, [&](const Table& table, unsigned blocks, int64_t) {
+    lion_kernel<P, MASTER><<<blocks, kBlockThreads, 0, stream>>>(table, args);
+  });
 }
 
 template <typename P>
@@ -121,24 +111,10 @@ cudaError_t run_modes(const RawLists& l, const LionCall& call, const LionArgs& a
 }  // namespace
 
 cudaError_t launch_lion(const RawLists& lists, const LionCall& call, cudaStream_t stream) {
-  LionArgs args;
-  args.lr = call.lr;
-  args.beta1 = call.beta1;
-  args.beta2 = call.beta2;
-  args.weight_decay = call.weight_decay;
-  args.lr_ptr = call.lr_ptr;
-  args.grad_scale = call.grad_scale;
-  args.found_inf = call.found_inf;
-  args.maximize = call.maximize;
-  switch (call.param) {
-    case Storage::kFloat:
-      return run_modes<float>(lists, call, args, stream);
-    case Storage::kBFloat16:
-      return run_modes<c10::BFloat16>(lists, call, args, stream);
-    case Storage::kHalf:
-      return run_modes<c10::Half>(lists, call, args, stream);
-  }
-  return cudaErrorInvalidValue;
+  const LionArgs args = update_args<LionArgs>(call);
+  return dispatch_storage(call.param, [&](auto tag) {
+    return run_modes<typename decltype(tag)::type>(lists, call, args, stream);
+  });
 }
 
 }  // namespace cuda

@@ -67,22 +67,34 @@ void push(RawLists& raw, TensorList list) {
   raw.lists.push_back(std::move(ptrs));
 }
 
-// Checks params and the state lists shared by AdamW and Lion; returns the
-// storage of the params and whether master weights are on.
-Storage check_params(TensorList params, TensorList grads, TensorList master_params,
-                     bool* master) {
+// Checks params and the lists shared by AdamW and Lion (grads, master_params)
+// and fills the call fields they share; call.master says whether master
+// weights are on.
+void check_update(TensorList params, TensorList grads, TensorList master_params, double lr,
+                  const std::optional<Tensor>& lr_tensor, double beta1, double beta2,
+                  double weight_decay, bool maximize, const std::optional<Tensor>& grad_scale,
+                  const std::optional<Tensor>& found_inf, UpdateCall& call) {
   const Tensor& p0 = params[0];
   TORCH_CHECK(p0.is_cuda(), "fastopt (cuda): params must be CUDA tensors");
   const Storage storage = storage_of(p0, "params");
   check_list(params, params, p0.scalar_type(), "params");
   check_list(grads, params, p0.scalar_type(), "grads");
-  *master = !master_params.empty();
-  if (*master) {
+  const bool master = !master_params.empty();
+  if (master) {
     TORCH_CHECK(storage != Storage::kFloat,
                 "fastopt (cuda): master_params are only for bfloat16/float16 params");
     check_list(master_params, params, at::kFloat, "master_params");
   }
-  return storage;
+  call.param = storage;
+  call.master = master;
+  call.maximize = maximize;
+  call.lr = lr;
+  call.lr_ptr = device_scalar(lr_tensor, p0, "lr_tensor");
+  call.beta1 = beta1;
+  call.beta2 = beta2;
+  call.weight_decay = weight_decay;
+  call.grad_scale = device_scalar(grad_scale, p0, "grad_scale");
+  call.found_inf = device_scalar(found_inf, p0, "found_inf");
 }
 
 void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
@@ -91,8 +103,10 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 double weight_decay, bool amsgrad, bool maximize,
                 const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
   if (params.empty()) return;
-  bool master = false;
-  const Storage storage = check_params(params, grads, master_params, &master);
+  AdamWCall call;
+  check_update(params, grads, master_params, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
+               grad_scale, found_inf, call);
+  const bool master = call.master;
   const at::ScalarType state = master ? at::kFloat : params[0].scalar_type();
   check_list(exp_avgs, params, state, "exp_avgs");
   check_list(exp_avg_sqs, params, state, "exp_avg_sqs");
@@ -107,19 +121,8 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Tensor
                 "fastopt (cuda): steps[", i, "] must be a float32 scalar on ", params[0].device());
   }
 
-  AdamWCall call;
-  call.param = storage;
-  call.master = master;
   call.amsgrad = amsgrad;
-  call.maximize = maximize;
-  call.lr = lr;
-  call.lr_ptr = device_scalar(lr_tensor, params[0], "lr_tensor");
-  call.beta1 = beta1;
-  call.beta2 = beta2;
   call.eps = eps;
-  call.weight_decay = weight_decay;
-  call.grad_scale = device_scalar(grad_scale, params[0], "grad_scale");
-  call.found_inf = device_scalar(found_inf, params[0], "found_inf");
 
   RawLists raw;
   for (TensorList l : {params, grads, exp_avgs, exp_avg_sqs}) push(raw, l);
@@ -137,21 +140,11 @@ void lion_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorL
                double weight_decay, bool maximize, const std::optional<Tensor>& grad_scale,
                const std::optional<Tensor>& found_inf) {
   if (params.empty()) return;
-  bool master = false;
-  const Storage storage = check_params(params, grads, master_params, &master);
-  check_list(exp_avgs, params, master ? at::kFloat : params[0].scalar_type(), "exp_avgs");
-
   LionCall call;
-  call.param = storage;
-  call.master = master;
-  call.maximize = maximize;
-  call.lr = lr;
-  call.lr_ptr = device_scalar(lr_tensor, params[0], "lr_tensor");
-  call.beta1 = beta1;
-  call.beta2 = beta2;
-  call.weight_decay = weight_decay;
-  call.grad_scale = device_scalar(grad_scale, params[0], "grad_scale");
-  call.found_inf = device_scalar(found_inf, params[0], "found_inf");
+  check_update(params, grads, master_params, lr, lr_tensor, beta1, beta2, weight_decay, maximize,
+               grad_scale, found_inf, call);
+  const bool master = call.master;
+  check_list(exp_avgs, params, master ? at::kFloat : params[0].scalar_type(), "exp_avgs");
 
   RawLists raw;
   for (TensorList l : {params, grads, exp_avgs}) push(raw, l);

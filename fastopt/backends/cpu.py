@@ -9,6 +9,9 @@ reference backend, which computes them the same way.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -16,6 +19,26 @@ from fastopt import _ops
 from fastopt.backends import reference
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def kernel_dtypes_or_reference(update: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a kernel backend's ``adamw_``/``lion_``: nothing for an empty group,
+    the reference backend's same-named update for a param dtype the compiled
+    kernels lack (float64), else ``update`` itself. Shared by the cpu and cuda
+    backends; the wrapper keeps ``update``'s name and signature.
+    """
+    fallback = getattr(reference, update.__name__)
+
+    @functools.wraps(update)
+    def guarded(params: list[Tensor], *args, **kwargs) -> None:
+        if not params:
+            return
+        if params[0].dtype not in _KERNEL_DTYPES:
+            fallback(params, *args, **kwargs)
+            return
+        update(params, *args, **kwargs)
+
+    return guarded
 
 
 def available() -> str | None:
@@ -40,6 +63,7 @@ def grad_sumsq(grads: list[Tensor]) -> Tensor:
         return torch.ops.fastopt.grad_sumsq.default([g.detach() for g in grads])
 
 
+@kernel_dtypes_or_reference
 def adamw_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -60,15 +84,6 @@ def adamw_(
     found_inf: Tensor | None,
 ) -> None:
     """In-place AdamW over lists of tensors; see fastopt.backends.reference.adamw_."""
-    if not params:
-        return
-    if params[0].dtype not in _KERNEL_DTYPES:
-        reference.adamw_(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
-            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
-        )  # fmt: skip
-        return
     lr_value, lr_tensor = _lr_args(lr)
     with torch.no_grad():
         torch.ops.fastopt.adamw_.default(
@@ -78,6 +93,7 @@ def adamw_(
         )  # fmt: skip
 
 
+@kernel_dtypes_or_reference
 def lion_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -93,15 +109,6 @@ def lion_(
     found_inf: Tensor | None,
 ) -> None:
     """In-place Lion over lists of tensors; see fastopt.backends.reference.lion_."""
-    if not params:
-        return
-    if params[0].dtype not in _KERNEL_DTYPES:
-        reference.lion_(
-            params, grads, exp_avgs, master_params, lr=lr, beta1=beta1, beta2=beta2,
-            weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
-            found_inf=found_inf,
-        )  # fmt: skip
-        return
     lr_value, lr_tensor = _lr_args(lr)
     with torch.no_grad():
         torch.ops.fastopt.lion_.default(

@@ -17,10 +17,7 @@ from torch import Tensor
 
 from fastopt import _ops
 from fastopt.backends import reference
-
-# Storage dtypes the kernels handle; others (float64) go to the reference backend,
-# which computes them the same way.
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from fastopt.backends.cpu import _KERNEL_DTYPES, kernel_dtypes_or_reference
 
 
 def available() -> str | None:
@@ -54,6 +51,15 @@ def _scalar_arg(t: Tensor | None, device: torch.device) -> Tensor | None:
     return None if t is None else t.to(device=device, dtype=torch.float32, non_blocking=True)
 
 
+def _op_scalars(
+    params: list[Tensor], lr: float | Tensor, grad_scale: Tensor | None, found_inf: Tensor | None
+) -> tuple[float, Tensor | None, Tensor | None, Tensor | None]:
+    """(lr, lr_tensor, grad_scale, found_inf) as the adamw_/lion_ ops take them, on params' device."""
+    device = params[0].device
+    lr_float, lr_tensor = _lr_args(lr, device)
+    return lr_float, lr_tensor, _scalar_arg(grad_scale, device), _scalar_arg(found_inf, device)
+
+
 def grad_sumsq(grads: list[Tensor]) -> Tensor:
     """Sum of squares of every element of every tensor (float32 0-dim, on the device).
 
@@ -73,6 +79,7 @@ def grad_sumsq(grads: list[Tensor]) -> Tensor:
         return total
 
 
+@kernel_dtypes_or_reference
 def adamw_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -94,41 +101,19 @@ def adamw_(
 ) -> None:
     """In-place AdamW (SPEC §2) over all tensors in a few kernel launches.
 
-    The math is the reference's (fastopt.backends.reference.adamw_).
+    The math is the reference's (fastopt.backends.reference.adamw_); float64
+    params go to it (``kernel_dtypes_or_reference``).
     """
-    if not params:
-        return
-    if params[0].dtype not in _KERNEL_DTYPES:
-        reference.adamw_(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps,
-            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            amsgrad=amsgrad, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf,
-        )  # fmt: skip
-        return
-    device = params[0].device
-    lr_float, lr_tensor = _lr_args(lr, device)
     with torch.no_grad():
+        lr, lr_tensor, grad_scale, found_inf = _op_scalars(params, lr, grad_scale, found_inf)
         torch.ops.fastopt.adamw_.default(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            max_exp_avg_sqs if amsgrad else [],
-            master_params,
-            steps,
-            lr_float,
-            lr_tensor,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            amsgrad,
-            maximize,
-            _scalar_arg(grad_scale, device),
-            _scalar_arg(found_inf, device),
-        )
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [],
+            master_params, steps, lr, lr_tensor, beta1, beta2, eps, weight_decay,
+            amsgrad, maximize, grad_scale, found_inf,
+        )  # fmt: skip
 
 
+@kernel_dtypes_or_reference
 def lion_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -145,31 +130,12 @@ def lion_(
 ) -> None:
     """In-place Lion (SPEC §2) over all tensors in a few kernel launches.
 
-    The math is the reference's (fastopt.backends.reference.lion_).
+    The math is the reference's (fastopt.backends.reference.lion_); float64
+    params go to it (``kernel_dtypes_or_reference``).
     """
-    if not params:
-        return
-    if params[0].dtype not in _KERNEL_DTYPES:
-        reference.lion_(
-            params, grads, exp_avgs, master_params, lr=lr, beta1=beta1, beta2=beta2,
-            weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
-            found_inf=found_inf,
-        )  # fmt: skip
-        return
-    device = params[0].device
-    lr_float, lr_tensor = _lr_args(lr, device)
     with torch.no_grad():
+        lr, lr_tensor, grad_scale, found_inf = _op_scalars(params, lr, grad_scale, found_inf)
         torch.ops.fastopt.lion_.default(
-            params,
-            grads,
-            exp_avgs,
-            master_params,
-            lr_float,
-            lr_tensor,
-            beta1,
-            beta2,
-            weight_decay,
-            maximize,
-            _scalar_arg(grad_scale, device),
-            _scalar_arg(found_inf, device),
-        )
+            params, grads, exp_avgs, master_params, lr, lr_tensor, beta1, beta2,
+            weight_decay, maximize, grad_scale, found_inf,
+        )  # fmt: skip
