@@ -24,6 +24,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from itertools import chain
+from operator import attrgetter, is_, methodcaller
 from typing import Any
 
 import torch
@@ -32,6 +33,9 @@ from torch import Tensor
 from fastopt import backends
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_DTYPE = attrgetter("dtype")
+_IS_SPARSE = attrgetter("is_sparse")
+_GRAD = attrgetter("grad")
 
 
 def _validate_common(lr: Any, weight_decay: float, betas: tuple, max_grad_norm: Any) -> None:
@@ -76,18 +80,25 @@ class _Bucket:
         self.state_dicts: list[dict] = []
 
     def refresh(self, grads: list[Tensor | None], optimizer_state) -> bool:
-        """Re-take this step's gradients; False if anything the cache relied on changed."""
-        gl = [grads[i] for i in self.indices]
-        for g in gl:
-            if g.is_sparse or g.dtype != self.grad_dtype or (self.dense and not g.is_contiguous()):
+        """Re-take this step's gradients; False if anything the cache relied on changed.
+
+        Written with map() over C-level callables: this runs every step for every
+        parameter, and a generator expression costs several times more per element.
+        """
+        gl = list(map(grads.__getitem__, self.indices))
+        try:
+            if self.dense and not all(map(Tensor.is_contiguous, gl)):
                 return False
-        for p, st in zip(self.params, self.state_dicts):
-            if optimizer_state.get(p) is not st:
-                return False
+        except RuntimeError:  # sparse tensors have no strides
+            return False
+        if set(map(_DTYPE, gl)) != {self.grad_dtype} or any(map(_IS_SPARSE, gl)):
+            return False
+        if not all(map(is_, map(optimizer_state.get, self.params), self.state_dicts)):
+            return False
         for key, tensors in self.states.items():
-            if not all(st.get(key) is t for st, t in zip(self.state_dicts, tensors)):
+            if not all(map(is_, map(methodcaller("get", key), self.state_dicts), tensors)):
                 return False
-        if not all(st.get("step") is t for st, t in zip(self.state_dicts, self.steps)):
+        if not all(map(is_, map(methodcaller("get", "step"), self.state_dicts), self.steps)):
             return False
         self.grads = gl
         return True
@@ -195,7 +206,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         cache = self.__dict__.setdefault("_gather_cache", {})
         for gi, group in enumerate(self.param_groups):
             params = group["params"]
-            grads = [p.grad for p in params]
+            grads = list(map(_GRAD, params))
             mask = [g is not None for g in grads]
             flags = (self.backend, self.master_weights, self._required_state_keys(group))
             entry = cache.get(gi)

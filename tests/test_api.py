@@ -318,3 +318,42 @@ def test_loading_plain_torch_checkpoint_initialises_masters():
     ref2 = torch.optim.AdamW([p])
     ref2.load_state_dict(opt.state_dict())
     assert ref2.state[p]["exp_avg"].dtype == torch.bfloat16
+
+
+# ---- the gather cache (NOTE [gather cache]) must never serve stale tensors ----------
+
+
+def test_gather_cache_sees_replaced_state_grads_and_loads(backend):
+    base = [torch.randn(65), torch.randn(8, 8)]
+    pa, pb = clone_params(base), clone_params(base)
+    ref = torch.optim.AdamW(pa, lr=1e-2, foreach=False)
+    opt = fastopt.AdamW(pb, lr=1e-2, backend=backend)
+    gen = torch.Generator().manual_seed(0)
+
+    def both_step(grads):
+        set_grads(pa, grads)
+        set_grads(pb, grads)
+        ref.step()
+        opt.step()
+        assert_state_equal(ref, pa, opt, pb, ("step", "exp_avg", "exp_avg_sq"))
+
+    for _ in range(2):
+        both_step([torch.randn(p.shape, generator=gen) for p in base])
+    # a state tensor replaced by hand
+    ref.state[pa[1]]["exp_avg"] = torch.full((8, 8), 0.5)
+    opt.state[pb[1]]["exp_avg"] = torch.full((8, 8), 0.5)
+    both_step([torch.randn(p.shape, generator=gen) for p in base])
+    # a non-contiguous gradient where a contiguous one was cached
+    g = torch.randn(8, 8, generator=gen).t()
+    both_step([torch.randn(65, generator=gen), g])
+    # the same optimizer reloads an earlier state mid-run
+    snapshot = copy.deepcopy(opt.state_dict())
+    both_step([torch.randn(p.shape, generator=gen) for p in base])
+    opt.load_state_dict(snapshot)
+    ref.load_state_dict(copy.deepcopy(snapshot))
+    both_step([torch.randn(p.shape, generator=gen) for p in base])
+    # a sparse gradient after cached steps is still refused, naming the parameter
+    pb[0].grad = torch.sparse_coo_tensor([[1]], [1.0], (65,))
+    pb[1].grad = torch.randn(8, 8)
+    with pytest.raises(RuntimeError, match=r"sparse.*\['params'\]\[0\]"):
+        opt.step()
