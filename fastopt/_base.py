@@ -15,7 +15,8 @@ NOTE [contiguous fast path]
 The compiled backends walk flat memory, so they only receive tensors whose
 parameter, gradient and state are all contiguous. Anything else (a transposed
 view registered as a parameter, say) goes to the reference backend, which
-handles any layout. Correct first; such parameters are rare.
+handles any layout. Correct first; such parameters are rare. float64 parameters
+(and complex128) also go to the reference, which computes them in float64.
 """
 
 from __future__ import annotations
@@ -255,7 +256,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             key = (p.device, tensors[0].dtype, master is not None, dense)
             bucket = buckets.get(key)
             if bucket is None:
-                backend = backends.resolve(self.backend if dense else "reference", p.device)
+                # float64 has no compiled kernels: it runs the reference in float64.
+                fast = dense and tensors[0].dtype != torch.float64
+                backend = backends.resolve(self.backend if fast else "reference", p.device)
                 bucket = buckets[key] = _Bucket(backend, g.dtype, dense)
             bucket.params.append(tensors[0])
             bucket.grads.append(tensors[1])
@@ -341,24 +344,30 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group, buckets in work:
             for bucket in buckets.values():
                 device = bucket.params[0].device
-                if skip is None:
-                    # NOTE [step counters]: torch's `step` is one float32 scalar
-                    # tensor per parameter. On the CPU torch._foreach_add_ over
-                    # thousands of them dispatches once per tensor, which costs
-                    # more than a fused update of small tensors; the cpu backend
-                    # adds to them in one C++ loop instead.
-                    steps_add_ = getattr(bucket.backend, "steps_add_", None)
-                    if steps_add_ is not None and device.type == "cpu":
-                        steps_add_(bucket.steps, 1.0)
-                    else:
-                        torch._foreach_add_(bucket.steps, 1.0)
-                    bucket_skip = None
-                else:
-                    bucket_skip = skip.to(device, non_blocking=True)
-                    torch._foreach_add_(bucket.steps, 1.0 - bucket_skip)
+                bucket_skip = None if skip is None else skip.to(device, non_blocking=True)
+                increment = 1.0 if bucket_skip is None else 1.0 - bucket_skip
+                self._add_to_steps(bucket, increment)
                 bucket_mul = None if grad_mul is None else grad_mul.to(device, non_blocking=True)
-                self._update(group, bucket, bucket_mul, bucket_skip)
+                try:
+                    self._update(group, bucket, bucket_mul, bucket_skip)
+                except BaseException:
+                    # The ops check everything before they write, so undoing the
+                    # increment leaves this bucket's state as it was.
+                    self._add_to_steps(bucket, -increment)
+                    raise
         return loss
+
+    @staticmethod
+    def _add_to_steps(bucket: _Bucket, value: float | Tensor) -> None:
+        """NOTE [step counters]: torch's `step` is one float32 scalar tensor per
+        parameter. On the CPU torch._foreach_add_ over thousands of them
+        dispatches once per tensor, which costs more than a fused update of
+        small tensors; the cpu backend adds to them in one C++ loop instead."""
+        steps_add_ = getattr(bucket.backend, "steps_add_", None)
+        if steps_add_ is not None and isinstance(value, float) and bucket.steps[0].is_cpu:
+            steps_add_(bucket.steps, value)
+        else:
+            torch._foreach_add_(bucket.steps, value)
 
     def _update(self, group, bucket: _Bucket, grad_mul: Tensor | None, skip: Tensor | None):
         raise NotImplementedError

@@ -357,3 +357,23 @@ def test_gather_cache_sees_replaced_state_grads_and_loads(backend):
     pb[1].grad = torch.randn(8, 8)
     with pytest.raises(RuntimeError, match=r"sparse.*\['params'\]\[0\]"):
         opt.step()
+
+
+def test_failing_update_leaves_state_unchanged(backend, monkeypatch):
+    """An error inside the update (here injected) must not leave `step` advanced."""
+    p = torch.randn(17, requires_grad=True)
+    opt = fastopt.AdamW([p], lr=1e-2, backend=backend)
+    p.grad = torch.randn(17)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    value = p.detach().clone()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected kernel failure")
+
+    monkeypatch.setattr(fastopt.AdamW, "_update", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.step()
+    assert torch.equal(p.detach(), value)
+    for k, v in before.items():
+        assert torch.equal(opt.state[p][k], v), k

@@ -115,3 +115,12 @@ def test_no_grad_param_gets_no_state(backend):
     opt.step()
     assert len(opt.state[b]) == 0 and "exp_avg" in opt.state[a]
     assert torch.equal(b, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_double_precision_matches_torch(backend, dtype):
+    """float64 storage is computed in float64 (by the reference path), as torch does."""
+    ref, opt, pa, pb = _lockstep([(33,), (4, 5)], 5, backend, dtype=dtype,
+                                 torch_kwargs=dict(lr=1e-2, amsgrad=True, weight_decay=0.1))
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -1,4 +1,4 @@
-"""The reference backend: plain PyTorch, one tensor at a time, in fp32.
+"""The reference backend: plain PyTorch, one tensor at a time, in fp32 (fp64 for fp64).
 
 This is the specification in code and the oracle of every test. It follows the
 order of operations of torch's single-tensor AdamW so that fp32 results agree
@@ -42,10 +42,16 @@ def _skip(found_inf: Tensor | None) -> bool:
     return found_inf is not None and bool(found_inf.item() != 0)
 
 
-def _grad_f32(g: Tensor, grad_scale: Tensor | None, maximize: bool) -> Tensor:
-    g = g.detach().float()
+def _opmath(t: Tensor) -> torch.dtype:
+    # fp32 in registers for fp32/bf16/fp16 storage (SPEC §2); float64 storage is
+    # computed in float64, as torch does, since narrowing it would lose precision.
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _grad_opmath(g: Tensor, grad_scale: Tensor | None, maximize: bool) -> Tensor:
+    g = g.detach().to(_opmath(g))
     if grad_scale is not None:
-        g = g * grad_scale.to(device=g.device, dtype=torch.float32)
+        g = g * grad_scale.to(device=g.device, dtype=torch.float32).to(g.dtype)
     return -g if maximize else g
 
 
@@ -82,17 +88,17 @@ def adamw_(
     lr = _scalar(lr)
     for i, p in enumerate(params):
         step = _scalar(steps[i])
-        g = _grad_f32(grads[i], grad_scale, maximize)
+        g = _grad_opmath(grads[i], grad_scale, maximize)
         master = master_params[i] if master_params else None
-        w = master if master is not None else p.detach().float()
-        m = exp_avgs[i].float()
-        v = exp_avg_sqs[i].float()
+        w = master if master is not None else p.detach().to(g.dtype)
+        m = exp_avgs[i].to(g.dtype)
+        v = exp_avg_sqs[i].to(g.dtype)
 
         w.mul_(1 - lr * weight_decay)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         if amsgrad:
-            vmax = torch.maximum(max_exp_avg_sqs[i].float(), v)
+            vmax = torch.maximum(max_exp_avg_sqs[i].to(g.dtype), v)
             max_exp_avg_sqs[i].copy_(vmax)
             v_used = vmax
         else:
@@ -130,10 +136,10 @@ def lion_(
         return
     lr = _scalar(lr)
     for i, p in enumerate(params):
-        g = _grad_f32(grads[i], grad_scale, maximize)
+        g = _grad_opmath(grads[i], grad_scale, maximize)
         master = master_params[i] if master_params else None
-        w = master if master is not None else p.detach().float()
-        m = exp_avgs[i].float()
+        w = master if master is not None else p.detach().to(g.dtype)
+        m = exp_avgs[i].to(g.dtype)
 
         c = m.lerp(g, 1 - beta1)
         # sign(0) = 0; a NaN stays NaN (torch.sign maps it to 0, which would hide it).
