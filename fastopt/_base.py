@@ -88,7 +88,8 @@ class _Bucket:
         """
         gl = list(map(grads.__getitem__, self.indices))
         try:
-            if self.dense and not all(map(Tensor.is_contiguous, gl)):
+            # parameters too: `p.data = <non-contiguous>` must leave the fast path
+            if self.dense and not all(map(Tensor.is_contiguous, chain(gl, self.params))):
                 return False
         except RuntimeError:  # sparse tensors have no strides
             return False
@@ -117,10 +118,11 @@ class _GatherCache:
     stale if ``.data`` were replaced).
     """
 
-    __slots__ = ("params", "mask", "flags", "buckets")
+    __slots__ = ("params", "members", "mask", "flags", "buckets")
 
     def __init__(self, params, mask, flags, buckets):
         self.params, self.mask, self.flags, self.buckets = params, mask, flags, buckets
+        self.members = list(params)  # a parameter swapped into the same list is a change
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -216,6 +218,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 entry is not None
                 and entry.params is params
                 and entry.flags == flags
+                and len(entry.members) == len(params)
+                and all(map(is_, entry.members, params))
                 and entry.mask == mask
                 and all(b.refresh(grads, self.state) for b in entry.buckets.values())
             ):
@@ -289,8 +293,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             for _, buckets in work
             for bucket in buckets.values()
         ]
-        device = partials[0].device
-        total = torch.stack([s.to(device, non_blocking=True) for s in partials]).double().sum()
+        # Reduce on an accelerator when there is one; a copy to the CPU is never
+        # non_blocking (the host would read it before it lands).
+        device = next((t.device for t in partials if t.device.type != "cpu"), partials[0].device)
+        nb = device.type != "cpu"
+        total = torch.stack([t.to(device, non_blocking=nb) for t in partials]).double().sum()
         norm = total.sqrt()
         inv_scale = None
         if grad_scale is not None:
@@ -344,10 +351,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group, buckets in work:
             for bucket in buckets.values():
                 device = bucket.params[0].device
-                bucket_skip = None if skip is None else skip.to(device, non_blocking=True)
+                nb = device.type != "cpu"  # never an async copy the host then reads
+                bucket_skip = None if skip is None else skip.to(device, non_blocking=nb)
                 increment = 1.0 if bucket_skip is None else 1.0 - bucket_skip
                 self._add_to_steps(bucket, increment)
-                bucket_mul = None if grad_mul is None else grad_mul.to(device, non_blocking=True)
+                bucket_mul = None if grad_mul is None else grad_mul.to(device, non_blocking=nb)
                 try:
                     self._update(group, bucket, bucket_mul, bucket_skip)
                 except BaseException:
@@ -376,7 +384,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _group_lr(group: dict[str, Any], device: torch.device) -> float | Tensor:
         lr = group["lr"]
         if isinstance(lr, Tensor) and lr.device != device:
-            lr = lr.to(device, non_blocking=True)
+            lr = lr.to(device, non_blocking=device.type != "cpu")
         return lr
 
     # ---- state dict -------------------------------------------------------------------

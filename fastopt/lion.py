@@ -52,8 +52,12 @@ class Lion(FusedOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        for i, p in enumerate(self.param_groups[-1]["params"]):
-            self._check_param(p, f"param_groups[{len(self.param_groups) - 1}]['params'][{i}]")
+        try:
+            for i, p in enumerate(self.param_groups[-1]["params"]):
+                self._check_param(p, f"param_groups[{len(self.param_groups) - 1}]['params'][{i}]")
+        except TypeError:
+            self.param_groups.pop()  # a rejected group leaves the optimizer as it was
+            raise
 
     def _check_param(self, p: Tensor, where: str) -> None:
         if torch.is_complex(p):

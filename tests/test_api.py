@@ -377,3 +377,42 @@ def test_failing_update_leaves_state_unchanged(backend, monkeypatch):
     assert torch.equal(p.detach(), value)
     for k, v in before.items():
         assert torch.equal(opt.state[p][k], v), k
+
+
+def test_gather_cache_sees_a_parameter_swapped_into_the_group(backend):
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    opt = fastopt.AdamW([a, b], lr=0.1, weight_decay=0.0, backend=backend)
+    a.grad, b.grad = torch.ones(3), -torch.ones(3)
+    opt.step()
+    b_after_first = b.detach().clone()
+    c = torch.zeros(3, requires_grad=True)
+    opt.param_groups[0]["params"][1] = c
+    a.grad, c.grad, b.grad = torch.ones(3), torch.ones(3), None
+    opt.step()
+    assert torch.equal(b.detach(), b_after_first)  # b is no longer optimized
+    torch.testing.assert_close(c.detach(), torch.full((3,), -0.1))  # c's first step
+    assert float(opt.state[c]["step"]) == 1.0
+
+
+def test_gather_cache_sees_param_data_made_non_contiguous(backend):
+    w = torch.zeros(4, 3, requires_grad=True)
+    ref_w = torch.zeros(4, 3, requires_grad=True)
+    opt = fastopt.AdamW([w], lr=0.1, backend=backend)
+    ref = torch.optim.AdamW([ref_w], lr=0.1, foreach=False)
+    for p in (w, ref_w):
+        p.grad = torch.ones(4, 3)
+    opt.step()
+    ref.step()
+    w.data = w.detach().t().contiguous().t()  # same values, transposed layout
+    for p in (w, ref_w):
+        p.grad = torch.ones(4, 3)
+    opt.step()
+    ref.step()
+    torch.testing.assert_close(w, ref_w)
+
+
+def test_lion_rejected_group_leaves_optimizer_unchanged():
+    opt = fastopt.Lion([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(TypeError, match="complex"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.complex64, requires_grad=True)]})
+    assert len(opt.param_groups) == 1
