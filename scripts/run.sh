@@ -57,6 +57,11 @@ case "$job" in
   train) exec python -m fastopt.train "$@" ;;
   test)
     ruff check fastopt tests benchmarks triton_kernels
+    # The benchmark harness's own smoke tests (quick mode end to end, the SPEC
+    # bytes formula, interleaving); the timed cases stay out of the test run.
+    if [ "$#" -eq 0 ]; then
+      python -m pytest -q -p no:cacheprovider benchmarks/test_bench_cpu.py -k "not test_step"
+    fi
     exec python -m pytest -q -p no:cacheprovider tests "$@"
     ;;
   bench)
