@@ -93,7 +93,10 @@ class _Bucket:
                 return False
         except RuntimeError:  # sparse tensors have no strides
             return False
-        if set(map(_DTYPE, gl)) != {self.grad_dtype} or any(map(_IS_SPARSE, gl)):
+        if set(map(_DTYPE, gl)) != {self.grad_dtype}:
+            return False
+        # (a sparse grad already failed is_contiguous above for a dense bucket)
+        if not self.dense and any(map(_IS_SPARSE, gl)):
             return False
         if not all(map(is_, map(optimizer_state.get, self.params), self.state_dicts)):
             return False
@@ -218,9 +221,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 entry is not None
                 and entry.params is params
                 and entry.flags == flags
-                and len(entry.members) == len(params)
+                and entry.mask == mask  # equal lengths, so zip below compares all
                 and all(map(is_, entry.members, params))
-                and entry.mask == mask
                 and all(b.refresh(grads, self.state) for b in entry.buckets.values())
             ):
                 buckets = entry.buckets

@@ -60,7 +60,9 @@ def grad_sumsq(grads: list[Tensor]) -> Tensor:
     if not grads:
         return torch.zeros((), dtype=torch.float32)
     with torch.no_grad():
-        return torch.ops.fastopt.grad_sumsq.default([g.detach() for g in grads])
+        # step() runs under no_grad: the grads go in as they are (a detach per
+        # tensor would cost more than summing a small one).
+        return torch.ops.fastopt.grad_sumsq.default(grads)
 
 
 @kernel_dtypes_or_reference

@@ -68,7 +68,7 @@ def grad_sumsq(grads: list[Tensor]) -> Tensor:
     """
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    ours = [g.detach() for g in grads if g.dtype in _KERNEL_DTYPES]
+    ours = [g for g in grads if g.dtype in _KERNEL_DTYPES]
     others = [g for g in grads if g.dtype not in _KERNEL_DTYPES]
     with torch.no_grad():
         if not others:
