@@ -1,13 +1,20 @@
-"""fastopt.AdamW: torch's AdamW with clipping, loss scaling and master weights in the kernel."""
+"""fastopt.AdamW: torch's AdamW with clipping, loss scaling and master weights in the kernel.
+
+Top to bottom: the class (validation, defaults, state keys, ``step()`` that
+gathers lists), then ``adamw()``, the functional entry point every backend
+shares (also ``fastopt.functional.adamw``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from fastopt._base import FusedOptimizer, _validate_common
+from fastopt import backends
+from fastopt._base import FusedOptimizer, validate_common
 
 __all__ = ["AdamW", "adamw"]
 
@@ -15,9 +22,9 @@ __all__ = ["AdamW", "adamw"]
 class AdamW(FusedOptimizer):
     r"""Drop-in replacement for :class:`torch.optim.AdamW`.
 
-    For each parameter :math:`\theta` with gradient :math:`g` (multiplied by
-    the loss-scale reciprocal and the global-norm clip coefficient when those
-    are in use, and negated when ``maximize``):
+    For each parameter :math:`\theta` with gradient :math:`g` (unscaled,
+    clamped by ``max_grad_value``, scaled by the global-norm clip coefficient
+    and negated when ``maximize``; SPEC §3):
 
     .. math::
         t &\gets t + 1,\qquad \theta \gets \theta\,(1 - \eta\lambda) \\
@@ -31,12 +38,15 @@ class AdamW(FusedOptimizer):
             groups: every gradient is scaled by ``min(1, c / (N + 1e-6))``
             inside the update; ``.grad`` is never rewritten. ``last_grad_norm``
             holds N. A non-finite N skips the whole step.
+        max_grad_value: clamp every gradient element to ``[-c, c]`` inside the
+            update (before the norm is taken, as ``clip_grad_value_`` then
+            ``clip_grad_norm_`` would).
         master_weights: bf16/fp16 parameters get an fp32 ``master_param`` and
             fp32 moments; the parameter is the master rounded to nearest even.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     ``foreach``, ``fused`` and ``capturable`` are accepted for compatibility;
-    the kernel is chosen by ``backend``.
+    the kernel is chosen by ``backend``. A tensor ``lr`` stays on the device.
     """
 
     def __init__(
@@ -54,6 +64,7 @@ class AdamW(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
         master_weights: bool = False,
         backend: str = "auto",
     ) -> None:
@@ -63,72 +74,89 @@ class AdamW(FusedOptimizer):
             )
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-        _validate_common(lr, weight_decay, betas, max_grad_norm)
+        validate_common(lr, weight_decay, betas, max_grad_norm, max_grad_value)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
         defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            foreach=foreach,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-            decoupled_weight_decay=True,
-        )
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=foreach, capturable=capturable,
+            differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+        )  # fmt: skip
         super().__init__(
-            params,
-            defaults,
-            max_grad_norm=max_grad_norm,
-            master_weights=master_weights,
-            backend=backend,
-        )
+            params, defaults, max_grad_norm=max_grad_norm, max_grad_value=max_grad_value,
+            master_weights=master_weights, backend=backend,
+        )  # fmt: skip
 
     _moment_keys = ("exp_avg", "exp_avg_sq")
 
-    def _required_state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+    def state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         if group["amsgrad"]:
             return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
         return self._moment_keys
 
-    def _update(self, group, bucket, grad_mul, skip) -> None:
-        beta1, beta2 = group["betas"]
-        amsgrad = bool(group["amsgrad"])
-        adamw(
-            bucket,
-            lr=self._group_lr(group, bucket.params[0].device),
-            beta1=float(beta1),
-            beta2=float(beta2),
-            eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            amsgrad=amsgrad,
-            maximize=bool(group["maximize"]),
-            grad_scale=grad_mul,
-            found_inf=skip,
-        )
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; returns the closure's loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._plan_step()
+        for group, bucket in plan.buckets:
+            beta1, beta2 = group["betas"]
+            with plan.updating(bucket):
+                adamw(
+                    bucket.params, bucket.grads, bucket.state("exp_avg"),
+                    bucket.state("exp_avg_sq"), bucket.state("max_exp_avg_sq"),
+                    bucket.state("master_param"), bucket.steps,
+                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                    maximize=group["maximize"], **plan.transform_args, backend=bucket.backend,
+                )  # fmt: skip
+        return loss
 
 
-def adamw(bucket, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_scale, found_inf):
-    """Functional AdamW over one gathered bucket: the entry point every backend shares."""
-    states = bucket.states
-    bucket.backend.adamw_(
-        bucket.params,
-        bucket.grads,
-        states["exp_avg"],
-        states["exp_avg_sq"],
-        states["max_exp_avg_sq"] if amsgrad else [],
-        states["master_param"] if "master_param" in states else [],
-        bucket.steps,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
+def adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor] | None,
+    master_params: list[Tensor] | None,
+    state_steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    grad_mul: Tensor | None = None,
+    max_grad_value: float | None = None,
+    clip_coef: Tensor | None = None,
+    skip: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    r"""AdamW (SPEC §2), in place. For every tensor, with its own step ``t``:
+
+    .. math::
+        \theta &\gets \theta\,(1 - \eta\lambda) \\
+        m &\gets \beta_1 m + (1-\beta_1)\,g,\qquad v \gets \beta_2 v + (1-\beta_2)\,g^2 \\
+        \hat v &\gets \max(\hat v, v)\ \text{(amsgrad)},\ \text{else}\ \hat v = v \\
+        \theta &\gets \theta - \frac{\eta}{1-\beta_1^t}\cdot
+            \frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    ``max_exp_avg_sqs`` holds :math:`\hat v` when ``amsgrad`` (else empty or None).
+    """
+    if not params:
+        return
+    device = params[0].device
+    impl = backends.resolve(backend, device, params[0].dtype, grads[0].dtype)
+    impl.adamw_(
+        params, grads, exp_avgs, exp_avg_sqs, list(max_exp_avg_sqs or []) if amsgrad else [],
+        list(master_params or []), state_steps,
+        beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+        weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
+        **backends.op_scalars(device, lr, grad_mul, max_grad_value, clip_coef, skip),
+    )  # fmt: skip

@@ -1,4 +1,8 @@
-"""fastopt.Lion: Lion (Chen et al. 2023) with clipping, loss scaling and master weights in the kernel."""
+"""fastopt.Lion: Lion (Chen et al. 2023) with clipping, loss scaling and master weights in the kernel.
+
+Top to bottom: the class, then ``lion()``, the functional entry point every
+backend shares (also ``fastopt.functional.lion``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastopt._base import FusedOptimizer, _validate_common
+from fastopt import backends
+from fastopt._base import FusedOptimizer, validate_common
 
 __all__ = ["Lion", "lion"]
 
@@ -21,9 +26,9 @@ class Lion(FusedOptimizer):
         \theta &\gets \theta\,(1-\eta\lambda) - \eta\,\mathrm{sign}(c) \\
         m &\gets \beta_2 m + (1-\beta_2)\,g
 
-    with :math:`\mathrm{sign}(0) = 0`. ``max_grad_norm``, loss scaling,
-    ``master_weights`` and ``backend`` behave as in :class:`fastopt.AdamW`.
-    Complex parameters raise ``TypeError``.
+    with :math:`\mathrm{sign}(0) = 0`. ``max_grad_norm``, ``max_grad_value``,
+    loss scaling, ``master_weights`` and ``backend`` behave as in
+    :class:`fastopt.AdamW`. Complex parameters raise ``TypeError``.
     """
 
     _moment_keys = ("exp_avg",)
@@ -37,59 +42,84 @@ class Lion(FusedOptimizer):
         *,
         maximize: bool = False,
         max_grad_norm: float | None = None,
+        max_grad_value: float | None = None,
         master_weights: bool = False,
         backend: str = "auto",
     ) -> None:
-        _validate_common(lr, weight_decay, betas, max_grad_norm)
+        validate_common(lr, weight_decay, betas, max_grad_norm, max_grad_value)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         super().__init__(
-            params,
-            defaults,
-            max_grad_norm=max_grad_norm,
-            master_weights=master_weights,
-            backend=backend,
-        )
+            params, defaults, max_grad_norm=max_grad_norm, max_grad_value=max_grad_value,
+            master_weights=master_weights, backend=backend,
+        )  # fmt: skip
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
             for i, p in enumerate(self.param_groups[-1]["params"]):
-                self._check_param(p, f"param_groups[{len(self.param_groups) - 1}]['params'][{i}]")
+                self.check_param(p, f"param_groups[{len(self.param_groups) - 1}]['params'][{i}]")
         except TypeError:
             self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
 
-    def _check_param(self, p: Tensor, where: str) -> None:
+    def check_param(self, p: Tensor, where: str) -> None:
         if torch.is_complex(p):
             raise TypeError(f"fastopt.Lion does not support complex parameters ({where})")
 
-    def _update(self, group, bucket, grad_mul, skip) -> None:
-        beta1, beta2 = group["betas"]
-        lion(
-            bucket,
-            lr=self._group_lr(group, bucket.params[0].device),
-            beta1=float(beta1),
-            beta2=float(beta2),
-            weight_decay=float(group["weight_decay"]),
-            maximize=bool(group["maximize"]),
-            grad_scale=grad_mul,
-            found_inf=skip,
-        )
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; returns the closure's loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = self._plan_step()
+        for group, bucket in plan.buckets:
+            beta1, beta2 = group["betas"]
+            with plan.updating(bucket):
+                lion(
+                    bucket.params, bucket.grads, bucket.state("exp_avg"),
+                    bucket.state("master_param"),
+                    lr=group["lr"], beta1=beta1, beta2=beta2,
+                    weight_decay=group["weight_decay"], maximize=group["maximize"],
+                    **plan.transform_args, backend=bucket.backend,
+                )  # fmt: skip
+        return loss
 
 
-def lion(bucket, *, lr, beta1, beta2, weight_decay, maximize, grad_scale, found_inf):
-    """Functional Lion over one gathered bucket: the entry point every backend shares."""
-    states = bucket.states
-    bucket.backend.lion_(
-        bucket.params,
-        bucket.grads,
-        states["exp_avg"],
-        states["master_param"] if "master_param" in states else [],
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        maximize=maximize,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-    )
+def lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    master_params: list[Tensor] | None,
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_mul: Tensor | None = None,
+    max_grad_value: float | None = None,
+    clip_coef: Tensor | None = None,
+    skip: Tensor | None = None,
+    backend: str = "auto",
+) -> None:
+    r"""Lion (Chen et al. 2023), in place:
+
+    .. math::
+        c = \beta_1 m + (1-\beta_1)\,g;\quad
+        \theta \gets \theta\,(1-\eta\lambda) - \eta\,\mathrm{sign}(c);\quad
+        m \gets \beta_2 m + (1-\beta_2)\,g
+
+    with :math:`\mathrm{sign}(0) = 0` and a NaN kept a NaN.
+    """
+    if not params:
+        return
+    device = params[0].device
+    impl = backends.resolve(backend, device, params[0].dtype, grads[0].dtype)
+    impl.lion_(
+        params, grads, exp_avgs, list(master_params or []),
+        beta1=float(beta1), beta2=float(beta2),
+        weight_decay=float(weight_decay), maximize=bool(maximize),
+        **backends.op_scalars(device, lr, grad_mul, max_grad_value, clip_coef, skip),
+    )  # fmt: skip

@@ -1,45 +1,31 @@
 """The reference backend: plain PyTorch, one tensor at a time, in fp32 (fp64 for fp64).
 
 This is the specification in code and the oracle of every test. It follows the
-order of operations of torch's single-tensor AdamW so that fp32 results agree
-with ``torch.optim.AdamW(foreach=False)`` to rounding, and computes every
+order of operations of torch's single-tensor AdamW (``lerp_`` for the first
+moment, ``addcmul_`` for the second, ``addcdiv_`` for the step) so that fp32
+results agree with ``torch.optim.AdamW(foreach=False)``, and computes every
 element in fp32 whatever the storage dtype, narrowing once on the store
-(``Tensor.copy_`` rounds to nearest even).
+(``Tensor.copy_`` rounds to nearest even). Each function has the signature of
+the compiled op of the same name (csrc/ops.cpp); the arguments are explained
+in fastopt/functional.py.
+
+It reads ``skip``, ``lr_tensor`` and the steps on the host: it is written for
+clarity, and runs the few tensors the fast backends do not take (float64,
+non-contiguous layouts).
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
 
-def available() -> str | None:
-    return None
-
-
-def supports(device: torch.device) -> bool:
-    return True
-
-
-def _scalar(x: float | Tensor) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
-
-
-def grad_sumsq(grads: list[Tensor]) -> Tensor:
-    """Sum of squares of all elements, accumulated in float64, returned as fp32."""
-    if not grads:
-        return torch.zeros((), dtype=torch.float32)
-    total = torch.zeros((), dtype=torch.float64, device=grads[0].device)
-    for g in grads:
-        if g.numel():
-            total += g.detach().double().square().sum()
-    return total.float()
-
-
-def _skip(found_inf: Tensor | None) -> bool:
-    return found_inf is not None and bool(found_inf.item() != 0)
+def _value(x: Tensor | None, default: float) -> float:
+    return default if x is None else float(x.item())
 
 
 def _opmath(t: Tensor) -> torch.dtype:
@@ -48,11 +34,40 @@ def _opmath(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _grad_opmath(g: Tensor, grad_scale: Tensor | None, maximize: bool) -> Tensor:
+def _transform(
+    g: Tensor,
+    grad_mul: Tensor | None,
+    max_grad_value: float | None,
+    clip_coef: Tensor | None,
+    maximize: bool = False,
+) -> Tensor:
+    """NOTE [gradient transform] (update_math.h): unscale, clamp by value, clip by norm."""
     g = g.detach().to(_opmath(g))
-    if grad_scale is not None:
-        g = g * grad_scale.to(device=g.device, dtype=torch.float32).to(g.dtype)
+    if grad_mul is not None:
+        g = g * grad_mul.to(device=g.device, dtype=torch.float32).to(g.dtype)
+    if max_grad_value is not None:
+        g = g.clamp(-max_grad_value, max_grad_value)  # clamp keeps NaN a NaN
+    if clip_coef is not None:
+        g = g * clip_coef.to(device=g.device, dtype=torch.float32).to(g.dtype)
     return -g if maximize else g
+
+
+def grad_sumsq(
+    grads: list[Tensor], *, grad_mul: Tensor | None = None, max_grad_value: float | None = None
+) -> Tensor:
+    """sum of clamp(g * grad_mul, -c, c)^2 over all elements, accumulated in float64, as fp32."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    for g in grads:
+        if g.numel():
+            total += _transform(g, grad_mul, max_grad_value, None).double().square().sum()
+    return total.float()
+
+
+def _weight(master_params: list[Tensor], i: int, p: Tensor, dtype: torch.dtype) -> Tensor:
+    """The value the update runs on: the fp32 master if there is one, else an fp32 copy of p."""
+    return master_params[i] if master_params else p.detach().to(dtype)
 
 
 def adamw_(
@@ -62,35 +77,37 @@ def adamw_(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     master_params: list[Tensor],
-    steps: list[Tensor],
+    state_steps: list[Tensor],
     *,
-    lr: float | Tensor,
+    lr: float,
+    lr_tensor: Tensor | None,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
     amsgrad: bool,
     maximize: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
+    grad_mul: Tensor | None,
+    max_grad_value: float | None,
+    clip_coef: Tensor | None,
+    skip: Tensor | None,
 ) -> None:
     r"""AdamW, per tensor, in fp32.
 
     .. math::
-        t \gets t+1;\quad \theta \gets \theta(1-\eta\lambda) \\
-        m \gets \beta_1 m + (1-\beta_1) g;\quad v \gets \beta_2 v + (1-\beta_2) g^2 \\
-        \hat v = \max(\hat v, v) \text{ (amsgrad) else } v \\
+        \theta \gets \theta(1-\eta\lambda);\quad
+        m \gets \mathrm{lerp}(m, g, 1-\beta_1);\quad v \gets \beta_2 v + (1-\beta_2) g^2 \\
+        \hat v = \max(\hat v, v) \text{ (amsgrad) else } v;\quad
         \theta \gets \theta - \frac{\eta}{1-\beta_1^t}\,
             \frac{m}{\sqrt{\hat v}/\sqrt{1-\beta_2^t} + \epsilon}
     """
-    if _skip(found_inf):
+    if _value(skip, 0.0) != 0.0:
         return
-    lr = _scalar(lr)
+    lr = _value(lr_tensor, lr)
     for i, p in enumerate(params):
-        step = _scalar(steps[i])
-        g = _grad_opmath(grads[i], grad_scale, maximize)
-        master = master_params[i] if master_params else None
-        w = master if master is not None else p.detach().to(g.dtype)
+        step = float(state_steps[i].item())
+        g = _transform(grads[i], grad_mul, max_grad_value, clip_coef, maximize)
+        w = _weight(master_params, i, p, g.dtype)
         m = exp_avgs[i].to(g.dtype)
         v = exp_avg_sqs[i].to(g.dtype)
 
@@ -118,27 +135,29 @@ def lion_(
     exp_avgs: list[Tensor],
     master_params: list[Tensor],
     *,
-    lr: float | Tensor,
+    lr: float,
+    lr_tensor: Tensor | None,
     beta1: float,
     beta2: float,
     weight_decay: float,
     maximize: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
+    grad_mul: Tensor | None,
+    max_grad_value: float | None,
+    clip_coef: Tensor | None,
+    skip: Tensor | None,
 ) -> None:
     r"""Lion (Chen et al. 2023), per tensor, in fp32.
 
     .. math::
-        c = \beta_1 m + (1-\beta_1) g;\quad \theta \gets \theta(1-\eta\lambda)
-            - \eta\,\mathrm{sign}(c);\quad m \gets \beta_2 m + (1-\beta_2) g
+        c = \mathrm{lerp}(m, g, 1-\beta_1);\quad \theta \gets \theta(1-\eta\lambda)
+            - \eta\,\mathrm{sign}(c);\quad m \gets \mathrm{lerp}(m, g, 1-\beta_2)
     """
-    if _skip(found_inf):
+    if _value(skip, 0.0) != 0.0:
         return
-    lr = _scalar(lr)
+    lr = _value(lr_tensor, lr)
     for i, p in enumerate(params):
-        g = _grad_opmath(grads[i], grad_scale, maximize)
-        master = master_params[i] if master_params else None
-        w = master if master is not None else p.detach().to(g.dtype)
+        g = _transform(grads[i], grad_mul, max_grad_value, clip_coef, maximize)
+        w = _weight(master_params, i, p, g.dtype)
         m = exp_avgs[i].to(g.dtype)
 
         c = m.lerp(g, 1 - beta1)
@@ -149,3 +168,87 @@ def lion_(
 
         exp_avgs[i].copy_(m)
         p.detach().copy_(w)
+
+
+def ademamix_schedules(
+    step: float, alpha: float, beta1: float, beta3: float, t_alpha: float | None, t_beta3: float | None
+) -> tuple[float, float]:
+    """(alpha_t, beta3_t) of AdEMAMix's warm-up schedulers at step t (SPEC §2), in double."""
+    alpha_t = alpha if t_alpha is None else min(step * alpha / t_alpha, alpha)
+    if t_beta3 is None:
+        return alpha_t, beta3
+    frac = step / t_beta3
+    log1, log3 = math.log(beta1), math.log(beta3)
+    beta3_t = min(math.exp(log1 * log3 / ((1 - frac) * log3 + frac * log1)), beta3)
+    return alpha_t, beta3_t
+
+
+def ademamix_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avgs_slow: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    master_params: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    lr_tensor: Tensor | None,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    alpha: float,
+    t_alpha: float | None,
+    t_beta3: float | None,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    grad_mul: Tensor | None,
+    max_grad_value: float | None,
+    clip_coef: Tensor | None,
+    skip: Tensor | None,
+) -> None:
+    r"""AdEMAMix (Pagliardini et al. 2024, Algorithm 1), per tensor, in fp32.
+
+    .. math::
+        m_1 \gets \mathrm{lerp}(m_1, g, 1-\beta_1);\quad
+        m_2 \gets \mathrm{lerp}(m_2, g, 1-\beta_{3,t});\quad v \gets \beta_2 v + (1-\beta_2) g^2 \\
+        \theta \gets \theta - \eta\left(\frac{m_1/(1-\beta_1^t) + \alpha_t m_2}
+            {\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon} + \lambda\theta\right)
+    """
+    if _value(skip, 0.0) != 0.0:
+        return
+    lr = _value(lr_tensor, lr)
+    for i, p in enumerate(params):
+        step = float(state_steps[i].item())
+        alpha_t, beta3_t = ademamix_schedules(step, alpha, beta1, beta3, t_alpha, t_beta3)
+        g = _transform(grads[i], grad_mul, max_grad_value, clip_coef, maximize)
+        w = _weight(master_params, i, p, g.dtype)
+        m1 = exp_avgs[i].to(g.dtype)
+        m2 = exp_avgs_slow[i].to(g.dtype)
+        v = exp_avg_sqs[i].to(g.dtype)
+
+        m1.lerp_(g, 1 - beta1)
+        m2.lerp_(g, 1 - beta3_t)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+        update = (m1 / (1 - beta1**step) + alpha_t * m2) / denom + weight_decay * w
+        w.add_(update, alpha=-lr)
+
+        exp_avgs[i].copy_(m1)
+        exp_avgs_slow[i].copy_(m2)
+        exp_avg_sqs[i].copy_(v)
+        p.detach().copy_(w)
+
+
+def unavailable(device_type: str | None) -> str | None:
+    return None
+
+
+def supports(device: torch.device) -> bool:
+    return True
+
+
+def functions() -> ModuleType:
+    """The update functions: this module's own (they have the ops' signatures)."""
+    return sys.modules[__name__]

@@ -59,7 +59,8 @@ def kernels() -> ModuleType:
     return module
 
 
-def available() -> str | None:
+def unavailable(device_type: str | None = None) -> str | None:
+    """Why the Triton kernels cannot run here, or None."""
     try:
         import triton  # noqa: F401
     except ImportError as exc:
@@ -80,15 +81,6 @@ def supports(device: torch.device) -> bool:
     return device.type == "cpu" and _interpreting()
 
 
-def grad_sumsq(grads):
-    return kernels().grad_sumsq(grads)
-
-
-def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, **kw):
-    kernels().adamw_(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, steps, **kw
-    )
-
-
-def lion_(params, grads, exp_avgs, master_params, **kw):
-    kernels().lion_(params, grads, exp_avgs, master_params, **kw)
+def functions() -> ModuleType:
+    """The update functions: the launchers of ``fastopt.triton_kernels`` (the ops' signatures)."""
+    return kernels()

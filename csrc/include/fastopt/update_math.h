@@ -1,14 +1,38 @@
-// Per-element update math shared by every compiled backend.
+// Per-element update math shared by every compiled backend: the CPU kernels
+// (csrc/cpu) and the CUDA kernels (csrc/cuda) both call the functions below,
+// so the arithmetic the CPU tests check is the arithmetic a GPU runs. The
+// Triton kernels (triton_kernels/) and the reference backend
+// (fastopt/backends/reference.py) write the same formulas in their language.
 //
 // NOTE [one precision policy]
 // Every value is loaded from its storage dtype (fp32, bf16 or fp16), computed
-// in fp32 registers, and narrowed back on the store with round-to-nearest-even
-// (c10::BFloat16 / c10::Half constructors round RNE and keep NaN a NaN). The
-// CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda) both call the
-// functions below, so the arithmetic the CPU tests check is the arithmetic a
-// GPU runs. Variants (amsgrad, maximize) are template parameters, resolved at
-// compile time; per-tensor scalars are folded into a coefficient struct once
-// per tensor (host side on CPU, once per block on the GPU).
+// in fp32 registers, and narrowed back on the store with round-to-nearest-even.
+// Per-tensor scalars (bias corrections, schedules) are computed in double,
+// as torch's single-tensor optimizers do on Python floats, and rounded once to
+// fp32 into a coefficient struct.
+//
+// NOTE [one formula per quantity]
+// Every backend uses the same formulas, chosen to match torch's
+// single-tensor AdamW (`torch.optim.AdamW(foreach=False)`) operation by
+// operation:
+// * moments with a "weight" (m, and AdEMAMix's slow m2, and Lion's c and m)
+//   are torch.lerp: fma(w, b - a, a) when w < 0.5, else fma(w - 1, b - a, b)
+//   (torch's vectorized CPU lerp; the fma is explicit, never contracted);
+// * the second moment is torch's addcmul: v * b2 + ((1 - b2) * g) * g;
+// * AdamW's step is torch's addcdiv: p + (-step_size) * (m / denom), with
+//   denom = sqrt(v) / sqrt(1 - b2^t) + eps.
+// The build turns off implicit floating-point contraction (setup.py:
+// -ffp-contract=off, nvcc --fmad=false) so no compiler fuses any other pair.
+//
+// NOTE [gradient transform]
+// Every update reads g through one transform, in this order (SPEC §3):
+//   g <- g * grad_mul            the loss-scale reciprocal, times -1 for maximize
+//   g <- clamp(g, -c, c)          value clipping (c = +inf when off); NaN stays NaN
+//   g <- g * clip_coef            the global-norm clip coefficient
+// When value clipping is off the optimizer folds clip_coef into grad_mul and
+// passes clip_coef = 1, so the common case is one multiply. maximize is always
+// a sign folded into grad_mul: clamp is odd and -1 is exact, so the result is
+// the same bits as negating g afterwards.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -26,63 +50,67 @@
 
 namespace fastopt {
 
-// ---- storage <-> fp32 ------------------------------------------------------
+// ---- shared pieces ---------------------------------------------------------
 
-template <typename T>
-FASTOPT_HD float to_f32(T x) {
-  return static_cast<float>(x);
+// torch.lerp(a, b, w) (NOTE [one formula per quantity]).
+FASTOPT_HD float lerp(float a, float b, float w) {
+  const float diff = b - a;
+  return w < 0.5f ? ::fmaf(w, diff, a) : ::fmaf(w - 1.0f, diff, b);
 }
 
-// Narrowing store. For c10::BFloat16 and c10::Half the converting
-// constructor rounds to nearest even; for float it is the identity.
-template <typename T>
-FASTOPT_HD T from_f32(float x) {
-  return T(x);
+// Scalars of the gradient transform (NOTE [gradient transform]).
+struct GradTransform {
+  float grad_mul;        // loss-scale reciprocal (1 if none), negated for maximize
+  float max_grad_value;  // +inf when value clipping is off
+  float clip_coef;       // global-norm clip coefficient (1 if none or folded)
+};
+
+FASTOPT_HD float transform_grad(float g, const GradTransform& x) {
+  g = g * x.grad_mul;
+  // Written with comparisons (not fminf/fmaxf) so a NaN passes through.
+  g = g > x.max_grad_value ? x.max_grad_value : (g < -x.max_grad_value ? -x.max_grad_value : g);
+  return g * x.clip_coef;
 }
+
+// beta^t for the bias corrections, in double.
+FASTOPT_HD double power(double beta, double step) { return ::pow(beta, step); }
 
 // ---- AdamW -----------------------------------------------------------------
 
-// Scalars of one tensor's step. Computed in double like torch's single-tensor
-// AdamW (which does its bias-correction arithmetic on Python floats), then
-// rounded once to fp32.
+// Scalars of one tensor's AdamW step.
 struct AdamWCoeffs {
-  float lr;
-  float beta1;
+  float one_minus_beta1;  // lerp weight of m
   float beta2;
+  float one_minus_beta2;
   float eps;
   float decay;            // 1 - lr * weight_decay
   float step_size;        // lr / (1 - beta1^t)
   float bias_corr2_sqrt;  // sqrt(1 - beta2^t)
 };
 
-FASTOPT_HD AdamWCoeffs adamw_coeffs(double lr, double beta1, double beta2,
-                                    double eps, double weight_decay,
-                                    double step) {
+FASTOPT_HD AdamWCoeffs adamw_coeffs(double lr, double beta1, double beta2, double eps,
+                                    double weight_decay, double step) {
   AdamWCoeffs c;
-  c.lr = static_cast<float>(lr);
-  c.beta1 = static_cast<float>(beta1);
+  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
   c.beta2 = static_cast<float>(beta2);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   c.eps = static_cast<float>(eps);
   c.decay = static_cast<float>(1.0 - lr * weight_decay);
-  c.step_size = static_cast<float>(lr / (1.0 - ::pow(beta1, step)));
-  c.bias_corr2_sqrt = static_cast<float>(::sqrt(1.0 - ::pow(beta2, step)));
+  c.step_size = static_cast<float>(lr / (1.0 - power(beta1, step)));
+  c.bias_corr2_sqrt = static_cast<float>(::sqrt(1.0 - power(beta2, step)));
   return c;
 }
 
-// One AdamW element. `g` is the raw gradient; `grad_mul` folds loss-scale
-// unscaling and the global-norm clip coefficient (1 when neither is used).
+// One AdamW element; g is already transformed (transform_grad).
 //   p *= 1 - lr*wd
-//   m = b1*m + (1-b1)*g ; v = b2*v + (1-b2)*g*g ; (amsgrad) vmax = max(vmax, v)
+//   m = lerp(m, g, 1-b1) ; v = v*b2 + (1-b2)*g*g ; (amsgrad) vmax = max(vmax, v)
 //   p -= (lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps)
-template <bool AMSGRAD, bool MAXIMIZE>
-FASTOPT_HD void adamw_element(float& p, float g, float& m, float& v,
-                              float& vmax, float grad_mul,
+template <bool AMSGRAD>
+FASTOPT_HD void adamw_element(float& p, float g, float& m, float& v, float& vmax,
                               const AdamWCoeffs& c) {
-  g = g * grad_mul;
-  if (MAXIMIZE) g = -g;
   p = p * c.decay;
-  m = c.beta1 * m + (1.0f - c.beta1) * g;
-  v = c.beta2 * v + (1.0f - c.beta2) * (g * g);
+  m = lerp(m, g, c.one_minus_beta1);
+  v = v * c.beta2 + (c.one_minus_beta2 * g) * g;
   float v_used = v;
   if (AMSGRAD) {
     // NaN-propagating max, like torch.maximum.
@@ -90,43 +118,94 @@ FASTOPT_HD void adamw_element(float& p, float g, float& m, float& v,
     v_used = vmax;
   }
   const float denom = ::sqrtf(v_used) / c.bias_corr2_sqrt + c.eps;
-  p = p - c.step_size * (m / denom);
+  p = p + (-c.step_size) * (m / denom);
 }
 
 // ---- Lion ------------------------------------------------------------------
 
 struct LionCoeffs {
   float lr;
-  float beta1;
-  float beta2;
-  float decay;  // 1 - lr * weight_decay
+  float one_minus_beta1;  // lerp weight of the update direction c
+  float one_minus_beta2;  // lerp weight of m
+  float decay;            // 1 - lr * weight_decay
 };
 
-FASTOPT_HD LionCoeffs lion_coeffs(double lr, double beta1, double beta2,
-                                  double weight_decay) {
+FASTOPT_HD LionCoeffs lion_coeffs(double lr, double beta1, double beta2, double weight_decay) {
   LionCoeffs c;
   c.lr = static_cast<float>(lr);
-  c.beta1 = static_cast<float>(beta1);
-  c.beta2 = static_cast<float>(beta2);
+  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   c.decay = static_cast<float>(1.0 - lr * weight_decay);
   return c;
 }
 
 // sign with sign(0) = 0 and sign(NaN) = NaN (the input is returned for both).
-FASTOPT_HD float sign_or_self(float x) {
-  return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x);
-}
+FASTOPT_HD float sign_or_self(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x); }
 
-//   c = b1*m + (1-b1)*g ; p *= 1 - lr*wd ; p -= lr*sign(c) ; m = b2*m + (1-b2)*g
-template <bool MAXIMIZE>
-FASTOPT_HD void lion_element(float& p, float g, float& m, float grad_mul,
-                             const LionCoeffs& c) {
-  g = g * grad_mul;
-  if (MAXIMIZE) g = -g;
-  const float update = c.beta1 * m + (1.0f - c.beta1) * g;
+//   c = lerp(m, g, 1-b1) ; p *= 1 - lr*wd ; p -= lr*sign(c) ; m = lerp(m, g, 1-b2)
+FASTOPT_HD void lion_element(float& p, float g, float& m, const LionCoeffs& c) {
+  const float update = lerp(m, g, c.one_minus_beta1);
   p = p * c.decay;
   p = p - c.lr * sign_or_self(update);
-  m = c.beta2 * m + (1.0f - c.beta2) * g;
+  m = lerp(m, g, c.one_minus_beta2);
+}
+
+// ---- AdEMAMix -----------------------------------------------------------------
+
+// Scalars of one tensor's AdEMAMix step (Pagliardini et al. 2024, Algorithm 1).
+struct AdEMAMixCoeffs {
+  float one_minus_beta1;   // lerp weight of the fast EMA m1
+  float one_minus_beta3;   // lerp weight of the slow EMA m2: 1 - beta3_t
+  float beta2;
+  float one_minus_beta2;
+  float alpha;             // alpha_t
+  float eps;
+  float lr;
+  float weight_decay;
+  float bias_corr1;        // 1 - beta1^t
+  float bias_corr2_sqrt;   // sqrt(1 - beta2^t)
+};
+
+// t_alpha / t_beta3 <= 0 mean "no warm-up" (the Python side's None).
+//   alpha_t = min(t * alpha / t_alpha, alpha)
+//   beta3_t = min(exp(ln b1 * ln b3 / ((1 - t/T) ln b3 + (t/T) ln b1)), b3)
+FASTOPT_HD AdEMAMixCoeffs ademamix_coeffs(double lr, double beta1, double beta2, double beta3,
+                                          double alpha, double t_alpha, double t_beta3,
+                                          double eps, double weight_decay, double step) {
+  double alpha_t = alpha;
+  if (t_alpha > 0.0) alpha_t = ::fmin(step * alpha / t_alpha, alpha);
+  double beta3_t = beta3;
+  if (t_beta3 > 0.0) {
+    const double frac = step / t_beta3;
+    const double log1 = ::log(beta1), log3 = ::log(beta3);
+    beta3_t = ::fmin(::exp(log1 * log3 / ((1.0 - frac) * log3 + frac * log1)), beta3);
+  }
+  AdEMAMixCoeffs c;
+  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  c.one_minus_beta3 = static_cast<float>(1.0 - beta3_t);
+  c.beta2 = static_cast<float>(beta2);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  c.alpha = static_cast<float>(alpha_t);
+  c.eps = static_cast<float>(eps);
+  c.lr = static_cast<float>(lr);
+  c.weight_decay = static_cast<float>(weight_decay);
+  c.bias_corr1 = static_cast<float>(1.0 - power(beta1, step));
+  c.bias_corr2_sqrt = static_cast<float>(::sqrt(1.0 - power(beta2, step)));
+  return c;
+}
+
+// One AdEMAMix element; g is already transformed.
+//   m1 = lerp(m1, g, 1-b1) ; m2 = lerp(m2, g, 1-b3_t) ; v = v*b2 + (1-b2)*g*g
+//   u  = (m1 / (1-b1^t) + alpha_t * m2) / (sqrt(v) / sqrt(1-b2^t) + eps) + wd * p
+//   p -= lr * u
+FASTOPT_HD void ademamix_element(float& p, float g, float& m1, float& m2, float& v,
+                                 const AdEMAMixCoeffs& c) {
+  m1 = lerp(m1, g, c.one_minus_beta1);
+  m2 = lerp(m2, g, c.one_minus_beta3);
+  v = v * c.beta2 + (c.one_minus_beta2 * g) * g;
+  const float denom = ::sqrtf(v) / c.bias_corr2_sqrt + c.eps;
+  const float update = (m1 / c.bias_corr1 + c.alpha * m2) / denom + c.weight_decay * p;
+  p = p + (-c.lr) * update;
 }
 
 }  // namespace fastopt

@@ -1,4 +1,10 @@
-"""A small decoder-only transformer over bytes: RMSNorm, rotary positions, SwiGLU, tied embeddings."""
+"""A small decoder-only transformer over bytes: RMSNorm, rotary positions, SwiGLU, tied embeddings.
+
+Dropout, when ``dropout > 0``, sits where nanoGPT puts it: on the embeddings,
+on the attention weights (inside ``scaled_dot_product_attention``) and on the
+output of each residual branch (attention and MLP) before it is added back.
+It follows ``model.train()`` / ``model.eval()``, so evaluation never drops.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +23,11 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     max_seq_len: int = 256
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size"
@@ -57,6 +66,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
@@ -64,7 +74,8 @@ class Attention(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        attn_dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_dropout, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -89,10 +100,11 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model)
         self.mlp = SwiGLU(cfg.d_model)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope))
+        return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
 
 class ByteTransformer(nn.Module):
@@ -102,6 +114,7 @@ class ByteTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model)
         # a buffer so it follows .to(device); not persistent because it is derived from cfg
@@ -127,7 +140,7 @@ class ByteTransformer(nn.Module):
         """Logits (B, T, vocab); with ``targets`` the mean cross-entropy in nats (fp32)."""
         if idx.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {idx.shape[1]} > max_seq_len={self.cfg.max_seq_len}")
-        x = self.embed(idx)
+        x = self.embed_dropout(self.embed(idx))
         for block in self.blocks:
             x = block(x, self.rope)
         logits = F.linear(self.norm(x), self.embed.weight)

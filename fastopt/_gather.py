@@ -1,0 +1,182 @@
+"""Gathering: the tensors of each param group sorted into per-(device, dtype) lists.
+
+A :class:`Bucket` holds parallel lists (params, grads, each state, steps) of
+one param group that share a device, a param dtype, a grad dtype, master
+weights on/off and a layout class; the optimizers hand each bucket's lists to
+their functional entry point (``fastopt.functional``).
+
+NOTE [contiguous fast path]
+The compiled and Triton kernels walk flat memory, so they only receive
+tensors whose parameter, gradient and state are all contiguous. Anything else
+(a transposed view registered as a parameter, say) goes to the reference
+backend, which handles any layout; so do dtypes the kernels lack (NOTE [what
+the fast backends take] in fastopt/backends/__init__.py). Correct first; such
+parameters are rare.
+
+NOTE [gather cache]
+Sorting thousands of parameters into buckets costs tens of microseconds each
+in Python, more than the fused kernel itself for small tensors. The buckets of
+a group are kept while the group's parameter list, the set of parameters that
+have gradients, the construction flags and every state tensor (checked by
+identity) stay the same; each step only re-reads ``.grad`` and checks it
+(sparse, dtype, layout). Any change rebuilds. Groups with complex parameters
+are not cached (their real views would go stale if ``.data`` were replaced).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from itertools import chain
+from operator import attrgetter, is_, methodcaller
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastopt import backends
+
+_DTYPE = attrgetter("dtype")
+_IS_SPARSE = attrgetter("is_sparse")
+_GRAD = attrgetter("grad")
+
+
+class Bucket:
+    """The tensors of one param group that share a device, dtypes and layout class."""
+
+    __slots__ = ("backend", "params", "grads", "states", "steps", "indices", "state_dicts",
+                 "grad_dtype", "dense")
+
+    def __init__(self, backend: str, grad_dtype: torch.dtype, dense: bool) -> None:
+        self.backend = backend  # the name handed to fastopt.functional
+        self.grad_dtype = grad_dtype
+        self.dense = dense
+        self.params: list[Tensor] = []
+        self.grads: list[Tensor] = []
+        self.states: dict[str, list[Tensor]] = defaultdict(list)
+        self.steps: list[Tensor] = []
+        self.indices: list[int] = []  # positions in group["params"]
+        self.state_dicts: list[dict] = []
+
+    def state(self, key: str) -> list[Tensor]:
+        """The list of state ``key`` (empty when this bucket has none, e.g. no masters)."""
+        return self.states.get(key, [])
+
+    def refresh(self, grads: list[Tensor | None], optimizer_state) -> bool:
+        """Re-take this step's gradients; False if anything the cache relied on changed.
+
+        Written with map() over C-level callables: this runs every step for every
+        parameter, and a generator expression costs several times more per element.
+        """
+        gl = list(map(grads.__getitem__, self.indices))
+        try:
+            # parameters too: `p.data = <non-contiguous>` must leave the fast path
+            if self.dense and not all(map(Tensor.is_contiguous, chain(gl, self.params))):
+                return False
+        except RuntimeError:  # sparse tensors have no strides
+            return False
+        if set(map(_DTYPE, gl)) != {self.grad_dtype}:
+            return False
+        # (a sparse grad already failed is_contiguous above for a dense bucket)
+        if not self.dense and any(map(_IS_SPARSE, gl)):
+            return False
+        if not all(map(is_, map(optimizer_state.get, self.params), self.state_dicts)):
+            return False
+        for key, tensors in self.states.items():
+            if not all(map(is_, map(methodcaller("get", key), self.state_dicts), tensors)):
+                return False
+        if not all(map(is_, map(methodcaller("get", "step"), self.state_dicts), self.steps)):
+            return False
+        self.grads = gl
+        return True
+
+
+class _CacheEntry:
+    __slots__ = ("params", "members", "mask", "flags", "buckets")
+
+    def __init__(self, params, mask, flags, buckets):
+        self.params, self.mask, self.flags, self.buckets = params, mask, flags, buckets
+        self.members = list(params)  # a parameter swapped into the same list is a change
+
+
+class Gatherer:
+    """Builds and caches the buckets of every param group (NOTE [gather cache])."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, _CacheEntry | None] = {}
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def gather(self, optimizer, flags: tuple) -> list[tuple[dict[str, Any], Bucket]]:
+        """(group, bucket) for every bucket with at least one gradient, in group order.
+
+        ``flags`` are the optimizer's construction flags that change bucketing
+        (backend, master weights, state keys); a change invalidates the cache.
+        """
+        out = []
+        cache = self._cache
+        for gi, group in enumerate(optimizer.param_groups):
+            params = group["params"]
+            grads = list(map(_GRAD, params))
+            mask = [g is not None for g in grads]
+            group_flags = (flags, optimizer.state_keys(group))
+            entry = cache.get(gi)
+            if (
+                entry is not None
+                and entry.params is params
+                and entry.flags == group_flags
+                and entry.mask == mask  # equal lengths, so zip below compares all
+                and all(map(is_, entry.members, params))
+                and all(b.refresh(grads, optimizer.state) for b in entry.buckets.values())
+            ):
+                buckets = entry.buckets
+            else:
+                buckets, cacheable = _build(optimizer, gi, group, grads)
+                cache[gi] = _CacheEntry(params, mask, group_flags, buckets) if cacheable else None
+            out.extend((group, b) for b in buckets.values())
+        for gi in [k for k in cache if k >= len(optimizer.param_groups)]:
+            del cache[gi]
+        return out
+
+
+def _build(optimizer, gi: int, group: dict[str, Any], grads: list[Tensor | None]):
+    name = type(optimizer).__name__
+    buckets: dict[tuple, Bucket] = {}
+    keys = optimizer.state_keys(group)
+    cacheable = True
+    for pi, (p, g) in enumerate(zip(group["params"], grads)):
+        if g is None:
+            continue
+        where = f"param_groups[{gi}]['params'][{pi}]"
+        if g.is_sparse:
+            raise RuntimeError(f"fastopt.{name} does not support sparse gradients ({where})")
+        optimizer.check_param(p, where)
+        optimizer.init_state(p, group)
+        state = optimizer.state[p]
+        # The ops mutate p in place under no_grad; p itself (not a detached
+        # alias) is passed so that a later `p.data = ...` is seen.
+        tensors = [p, g] + [state[k] for k in keys]
+        master = state.get("master_param") if optimizer.uses_master(p) else None
+        if master is not None:
+            tensors.append(master)
+        if torch.is_complex(p):
+            tensors = [torch.view_as_real(t.detach()) for t in tensors]
+            cacheable = False
+        dense = all(t.is_contiguous() for t in tensors)
+        key = (p.device, tensors[0].dtype, tensors[1].dtype, master is not None, dense)
+        bucket = buckets.get(key)
+        if bucket is None:
+            fast = dense and backends.fast_dtypes(tensors[0].dtype, tensors[1].dtype)
+            backend = optimizer.backend if fast else "reference"
+            backends.resolve(backend, p.device, tensors[0].dtype, tensors[1].dtype)  # fail early
+            bucket = buckets[key] = Bucket(backend, tensors[1].dtype, dense)
+        bucket.params.append(tensors[0])
+        bucket.grads.append(tensors[1])
+        for k, t in zip(keys, tensors[2 : 2 + len(keys)]):
+            bucket.states[k].append(t)
+        if master is not None:
+            bucket.states["master_param"].append(tensors[-1])
+        bucket.steps.append(state["step"])
+        bucket.indices.append(pi)
+        bucket.state_dicts.append(state)
+    return buckets, cacheable

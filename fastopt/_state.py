@@ -1,0 +1,70 @@
+"""State-dict compatibility: fastopt and torch.optim checkpoints load into each other.
+
+torch's loader casts every floating state tensor to its parameter's dtype,
+which would turn fp32 masters and fp32 moments of a bf16 parameter into bf16.
+After it runs, the states are re-taken from the saved tensors with the
+optimizer's dtype policy, bit for bit. Loading never changes the optimizer's
+own construction flags (backend, master_weights, max_grad_norm, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+
+EXTRA_KEY = "fastopt"
+
+
+def save(optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """torch's state dict plus the step counters."""
+    state_dict[EXTRA_KEY] = {
+        "skipped_steps": optimizer.skipped_steps,
+        "attempted_steps": optimizer._attempted_steps,
+    }
+    return state_dict
+
+
+def load(optimizer, state_dict: dict[str, Any], torch_load: Callable[[dict], None]) -> None:
+    """Load ``state_dict`` (fastopt's or torch's) into ``optimizer`` through torch's
+    loader ``torch_load``, then restore the dtype policy and the counters."""
+    saved_state = state_dict["state"]
+    saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+    extra = state_dict.get(EXTRA_KEY)
+    torch_load({k: v for k, v in state_dict.items() if k != EXTRA_KEY})
+    params = list(chain.from_iterable(g["params"] for g in optimizer.param_groups))
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for saved_id, p in zip(saved_ids, params):
+        if saved_id not in saved_state:
+            continue
+        src = saved_state[saved_id]
+        state = optimizer.state[p]
+        for key, value in src.items():
+            if key == "step":
+                state["step"] = optimizer.step_tensor(p, float(value))
+            elif key == "master_param":
+                continue
+            elif isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
+                state[key] = value.to(device=p.device, dtype=optimizer.state_dtype(p), copy=True)
+        if optimizer.uses_master(p):
+            master = src.get("master_param")
+            state["master_param"] = (
+                master.to(device=p.device, dtype=torch.float32, copy=True)
+                if master is not None
+                else p.detach().float().clone(memory_format=torch.preserve_format)
+            )
+        else:
+            state.pop("master_param", None)
+        optimizer.init_state(p, group_of[id(p)])
+    if extra is not None:
+        optimizer._skipped_steps = int(extra.get("skipped_steps", 0))
+        optimizer._attempted_steps = int(extra.get("attempted_steps", 0))
+    else:
+        # A torch checkpoint: torch does not advance `step` on skipped steps,
+        # so the largest step is the number of applied steps.
+        steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
+        optimizer._skipped_steps = 0
+        optimizer._attempted_steps = int(max(steps)) if steps else 0

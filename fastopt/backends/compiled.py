@@ -1,0 +1,93 @@
+"""The cpu and cuda backends: the ``torch.ops.fastopt`` ops of the fastopt._C extension.
+
+The CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda) are two dispatch
+keys of the same ops, declared once in csrc/ops.cpp; this module is their one
+Python wrapper. The update functions handed to the optimizers are the op
+objects themselves, so a step goes from ``fastopt.functional`` straight into
+C++. Importing this module never fails: if the extension is missing (not
+built, or built against another torch) ``LOAD_ERROR`` says why and
+``unavailable`` reports it.
+
+The fake kernels registered below describe the ops' outputs without computing
+anything, so ``torch.compile`` can trace around them; the in-place ops return
+nothing, so one fake serves them all.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor
+
+LOAD_ERROR: str | None = None
+
+try:
+    from fastopt import _C  # noqa: F401  (importing runs the op registrations)
+except ImportError as exc:
+    LOAD_ERROR = (
+        f"the fastopt._C extension could not be imported ({exc}); build it with "
+        "`pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace`"
+    )
+
+UPDATE_OPS = ("adamw_", "lion_", "ademamix_", "steps_add_")
+
+if LOAD_ERROR is None:
+    _missing = [n for n in (*UPDATE_OPS, "grad_sumsq") if not hasattr(torch.ops.fastopt, n)]
+    if _missing:
+        LOAD_ERROR = (
+            f"the fastopt._C extension is out of date (it lacks fastopt::{_missing[0]}); "
+            "rebuild it with `pip install --no-build-isolation -e .`"
+        )
+
+
+def unavailable(device_type: str) -> str | None:
+    """Why the compiled kernels cannot run tensors of ``device_type`` here, or None."""
+    if LOAD_ERROR is not None:
+        return LOAD_ERROR
+    if device_type == "cuda":
+        try:
+            from fastopt import _build_info
+        except ImportError:
+            return "the fastopt._C extension is not built (no fastopt/_build_info.py)"
+        if not _build_info.WITH_CUDA:
+            return f"built without CUDA kernels: {_build_info.CUDA_REASON}"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+    return None
+
+
+def supports(device: torch.device) -> bool:
+    return torch.device(device).type in ("cpu", "cuda")
+
+
+_functions: SimpleNamespace | None = None
+
+
+def functions() -> SimpleNamespace:
+    """The update functions: the ops' ``.default`` overloads (same signatures as the reference)."""
+    global _functions
+    if _functions is None:
+        ops = torch.ops.fastopt
+        _functions = SimpleNamespace(
+            adamw_=ops.adamw_.default,
+            lion_=ops.lion_.default,
+            ademamix_=ops.ademamix_.default,
+            grad_sumsq=ops.grad_sumsq.default,
+            steps_add_=ops.steps_add_.default,
+        )
+    return _functions
+
+
+if LOAD_ERROR is None:
+
+    def _update_fake(*args, **kwargs) -> None:
+        return None
+
+    for _name in UPDATE_OPS:
+        torch.library.register_fake(f"fastopt::{_name}", _update_fake)
+
+    @torch.library.register_fake("fastopt::grad_sumsq")
+    def _grad_sumsq_fake(grads: list[Tensor], *, grad_mul=None, max_grad_value=None) -> Tensor:
+        device = grads[0].device if grads else torch.device("cpu")
+        return torch.empty((), dtype=torch.float32, device=device)
