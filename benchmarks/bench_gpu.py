@@ -258,7 +258,9 @@ def _adamw_contenders(clip: bool = False) -> list[tuple[str, Factory]]:
 
 
 def _master_contenders(clip: bool) -> list[tuple[str, Factory]]:
-    torch_stem = "torch recipe + clip_grad_norm_" if clip else "torch recipe (copy, AdamW, copy back)"
+    torch_stem = (
+        "torch recipe + clip_grad_norm_" if clip else "torch recipe (copy, AdamW, copy back)"
+    )
     fastopt_stem = "fastopt master_weights" + (" + max_grad_norm" if clip else "")
     return [
         (f"{torch_stem} foreach", torch_master_recipe("foreach", clip=clip)),
@@ -538,7 +540,9 @@ def _nvidia_smi(field: str) -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    return (
+        out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    )
 
 
 def device_stamp(device: torch.device) -> dict:
@@ -670,7 +674,9 @@ def render_markdown(result: dict) -> str:
             f"tensors, {w['bytes_per_param']} B/param]"
         )
         for r in w["rows"]:
-            speed = f"{r['speedup_vs_baseline']:.2f}" if r["speedup_vs_baseline"] is not None else "n/a"
+            speed = (
+                f"{r['speedup_vs_baseline']:.2f}" if r["speedup_vs_baseline"] is not None else "n/a"
+            )
             name = f"**{r['contender']}**" if r["contender"] == w["baseline"] else r["contender"]
             mb = r.get("extra_device_mb")
             lines.append(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastopt import _norm, _state, backends
+from fastopt import _distributed, _norm, _state, backends
 from fastopt._gather import Bucket, Gatherer
 from fastopt.functional import grad_sumsq
 
@@ -124,18 +124,49 @@ class FusedOptimizer(torch.optim.Optimizer):
         max_grad_value: float | None,
         master_weights: bool,
         backend: str,
+        process_group=None,
     ) -> None:
         backends.check(backend)
+        # NOTE [global norm over shards]: the group over which the norm and the
+        # skip are reduced for plain (non-DTensor) parameters.
+        self.process_group = process_group
         self.backend = backend
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.max_grad_value = None if max_grad_value is None else float(max_grad_value)
         self.master_weights = bool(master_weights)
         self.last_grad_norm: Tensor | None = None
-        self._skipped_steps: Tensor | int = 0
-        self._attempted_steps = 0
         super().__init__(params, defaults)
 
     # ---- counters -----------------------------------------------------------------
+    # NOTE [counters in param groups]
+    # The step counters live in every param group (``attempted_steps``,
+    # ``skipped_steps``; the same values in each), not in attributes or extra
+    # top-level state-dict keys: DCP's get/set_optimizer_state_dict and
+    # ZeroRedundancyOptimizer's consolidation keep the param groups and drop
+    # anything else. On a GPU ``skipped_steps`` is a device tensor (counting
+    # without a sync); state_dict() writes it as an int.
+
+    def _counter(self, key: str) -> Tensor | int:
+        return self.param_groups[0].get(key, 0) if self.param_groups else 0
+
+    def _set_counter(self, key: str, value: Tensor | int) -> None:
+        for group in self.param_groups:
+            group[key] = value
+
+    _attempted_steps = property(
+        lambda self: int(self._counter("attempted_steps")),
+        lambda self, v: self._set_counter("attempted_steps", v),
+    )
+    _skipped_steps = property(
+        lambda self: self._counter("skipped_steps"),
+        lambda self, v: self._set_counter("skipped_steps", v),
+    )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        counters = {k: self._counter(k) for k in ("attempted_steps", "skipped_steps")}
+        super().add_param_group(param_group)
+        for key, value in counters.items():
+            self.param_groups[-1].setdefault(key, value)
 
     @property
     def skipped_steps(self) -> int:
@@ -194,7 +225,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if gatherer is None:
             gatherer = self.__dict__["_gatherer"] = Gatherer()
         work = gatherer.gather(self, (self.backend, self.master_weights))
-        if not work:
+        if not work and self.process_group is None:
             return StepPlan([], _norm.GradTransform())
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -202,23 +233,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not _norm.needs_norm(self.max_grad_norm, grad_scale, found_inf):
             self.last_grad_norm = None
             return StepPlan(work, _norm.GradTransform(max_grad_value=self.max_grad_value))
-        device = work[0][1].params[0].device
+        device = work[0][1].params[0].device if work else torch.device("cpu")
         inv_scale = _norm.inverse_scale(grad_scale, device)
         sumsqs = [
-            grad_sumsq(
+            (b.domain, grad_sumsq(
                 b.grads,
                 grad_mul=None if inv_scale is None else inv_scale.to(b.params[0].device),
                 max_grad_value=self.max_grad_value,
                 backend=b.backend,
-            )
+            ))
             for _, b in work
-        ]
+        ]  # fmt: skip
+        if self.process_group is not None:
+            # Every rank joins the reduction, also one whose shard had no gradients.
+            sumsqs.append((("group", self.process_group), torch.zeros((), device=device)))
         transform = _norm.grad_transform(
             sumsqs,
             inv_scale=inv_scale,
             max_grad_norm=self.max_grad_norm,
             max_grad_value=self.max_grad_value,
             found_inf=found_inf,
+            reduce=_distributed.reduce_sums,
         )
         self.last_grad_norm = transform.norm
         skip = transform.skip
@@ -251,11 +286,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     # ---- pickling / deepcopy ------------------------------------------------------------
 
     _FLAGS = dict(backend="auto", max_grad_norm=None, max_grad_value=None, master_weights=False,
-                  last_grad_norm=None, _skipped_steps=0, _attempted_steps=0)  # fmt: skip
+                  process_group=None, last_grad_norm=None)  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update({key: getattr(self, key) for key in self._FLAGS})
+        # A process group belongs to this process: a copy or an unpickled
+        # optimizer reduces over nothing until it is given one again.
+        state["process_group"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -270,3 +308,5 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+            group.setdefault("attempted_steps", 0)
+            group.setdefault("skipped_steps", 0)

@@ -33,8 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastopt import backends
+from fastopt import _distributed, backends
 
+_LOCAL = attrgetter("_local_tensor")
 _DTYPE = attrgetter("dtype")
 _IS_SPARSE = attrgetter("is_sparse")
 _GRAD = attrgetter("grad")
@@ -43,16 +44,19 @@ _GRAD = attrgetter("grad")
 class Bucket:
     """The tensors of one param group that share a device, dtypes and layout class."""
 
-    __slots__ = ("backend", "params", "grads", "states", "steps", "indices", "state_dicts",
-                 "grad_dtype", "dense")
+    __slots__ = ("backend", "params", "grads", "states", "held", "steps", "indices",
+                 "state_dicts", "grad_dtype", "dense", "domain", "sharded")
 
-    def __init__(self, backend: str, grad_dtype: torch.dtype, dense: bool) -> None:
+    def __init__(self, backend: str, grad_dtype: torch.dtype, dense: bool, domain) -> None:
         self.backend = backend  # the name handed to fastopt.functional
         self.grad_dtype = grad_dtype
         self.dense = dense
-        self.params: list[Tensor] = []
+        self.domain = domain  # NOTE [global norm over shards]
+        self.sharded = domain is not None and domain[0] == "mesh"  # DTensor parameters
+        self.params: list[Tensor] = []  # local tensors (NOTE [DTensor parameters])
         self.grads: list[Tensor] = []
-        self.states: dict[str, list[Tensor]] = defaultdict(list)
+        self.states: dict[str, list[Tensor]] = defaultdict(list)  # what the kernels get
+        self.held: dict[str, list[Tensor]] = defaultdict(list)  # the objects in the state dicts
         self.steps: list[Tensor] = []
         self.indices: list[int] = []  # positions in group["params"]
         self.state_dicts: list[dict] = []
@@ -68,6 +72,10 @@ class Bucket:
         parameter, and a generator expression costs several times more per element.
         """
         gl = list(map(grads.__getitem__, self.indices))
+        if self.sharded:
+            if not all(map(_distributed.is_dtensor, gl)):
+                return False
+            gl = list(map(_LOCAL, gl))
         try:
             # parameters too: `p.data = <non-contiguous>` must leave the fast path
             if self.dense and not all(map(Tensor.is_contiguous, chain(gl, self.params))):
@@ -81,7 +89,7 @@ class Bucket:
             return False
         if not all(map(is_, map(optimizer_state.get, self.params), self.state_dicts)):
             return False
-        for key, tensors in self.states.items():
+        for key, tensors in self.held.items():
             if not all(map(is_, map(methodcaller("get", key), self.state_dicts), tensors)):
                 return False
         if not all(map(is_, map(methodcaller("get", "step"), self.state_dicts), self.steps)):
@@ -155,27 +163,29 @@ def _build(optimizer, gi: int, group: dict[str, Any], grads: list[Tensor | None]
         state = optimizer.state[p]
         # The ops mutate p in place under no_grad; p itself (not a detached
         # alias) is passed so that a later `p.data = ...` is seen.
-        tensors = [p, g] + [state[k] for k in keys]
+        held = [state[k] for k in keys]
         master = state.get("master_param") if optimizer.uses_master(p) else None
         if master is not None:
-            tensors.append(master)
+            held.append(master)
+        domain = _distributed.domain_of(p, g, optimizer.process_group, where)
+        tensors = [_distributed.local(t) for t in [p, g, *held]]
         if torch.is_complex(p):
             tensors = [torch.view_as_real(t.detach()) for t in tensors]
             cacheable = False
         dense = all(t.is_contiguous() for t in tensors)
-        key = (p.device, tensors[0].dtype, tensors[1].dtype, master is not None, dense)
+        key = (p.device, tensors[0].dtype, tensors[1].dtype, master is not None, dense, domain)
         bucket = buckets.get(key)
         if bucket is None:
             fast = dense and backends.fast_dtypes(tensors[0].dtype, tensors[1].dtype)
             backend = optimizer.backend if fast else "reference"
             backends.resolve(backend, p.device, tensors[0].dtype, tensors[1].dtype)  # fail early
-            bucket = buckets[key] = Bucket(backend, tensors[1].dtype, dense)
+            bucket = buckets[key] = Bucket(backend, tensors[1].dtype, dense, domain)
         bucket.params.append(tensors[0])
         bucket.grads.append(tensors[1])
-        for k, t in zip(keys, tensors[2 : 2 + len(keys)]):
+        names = keys + (("master_param",) if master is not None else ())
+        for k, t, h in zip(names, tensors[2:], held):
             bucket.states[k].append(t)
-        if master is not None:
-            bucket.states["master_param"].append(tensors[-1])
+            bucket.held[k].append(h)
         bucket.steps.append(state["step"])
         bucket.indices.append(pi)
         bucket.state_dicts.append(state)

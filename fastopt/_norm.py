@@ -51,28 +51,33 @@ def inverse_scale(grad_scale: Tensor | None, device: torch.device) -> Tensor | N
 
 
 def grad_transform(
-    sumsqs: list[Tensor],
+    sumsqs: list[tuple[object, Tensor]],
     *,
     inv_scale: Tensor | None,
     max_grad_norm: float | None,
     max_grad_value: float | None,
     found_inf: Tensor | None,
-    reduce: Callable[[Tensor], Tensor] | None = None,
+    reduce: Callable | None = None,
 ) -> GradTransform:
     """The step's gradient transform from per-bucket sums of squares of the unscaled,
-    value-clamped gradients (``fastopt.functional.grad_sumsq`` with ``grad_mul=inv_scale``).
+    value-clamped gradients (``grad_sumsq`` with ``grad_mul=inv_scale``), each
+    tagged with its reduction domain (None: this process only).
 
-    ``reduce`` (sharded training) maps the local float64 sum of squares, with
-    the local skip flag, to global ones; it is called once.
+    ``reduce(per_domain, found, device) -> (total, found)`` turns local float64
+    sums into global ones (NOTE [global norm over shards] in
+    fastopt/_distributed.py); it is called once, when any domain is not None.
     """
     # Reduce on an accelerator when there is one; a copy to the CPU is never
     # non_blocking (the host would read it before it lands).
-    device = next((t.device for t in sumsqs if t.device.type != "cpu"), sumsqs[0].device)
+    tensors = [t for _, t in sumsqs]
+    device = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
     nb = device.type != "cpu"
-    total = torch.stack([t.to(device, non_blocking=nb) for t in sumsqs]).double().sum()
+    per_domain = [(d, t.to(device, non_blocking=nb).double()) for d, t in sumsqs]
     found = None if found_inf is None else (found_inf.to(device) != 0).double()
-    if reduce is not None:
-        total, found = reduce(total, found)
+    if reduce is not None and any(d is not None for d, _ in per_domain):
+        total, found = reduce(per_domain, found, device)
+    else:
+        total = torch.stack([t for _, t in per_domain]).sum()
     norm = total.sqrt().float()
     skip = (~torch.isfinite(norm)).float()
     if found is not None:

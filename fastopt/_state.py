@@ -16,15 +16,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-EXTRA_KEY = "fastopt"
+COUNTERS = ("attempted_steps", "skipped_steps")
 
 
 def save(optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """torch's state dict plus the step counters."""
-    state_dict[EXTRA_KEY] = {
-        "skipped_steps": optimizer.skipped_steps,
-        "attempted_steps": optimizer._attempted_steps,
-    }
+    """torch's state dict, counters as ints (NOTE [counters in param groups])."""
+    skipped = optimizer.skipped_steps
+    for group in state_dict["param_groups"]:
+        group["attempted_steps"] = optimizer._attempted_steps
+        group["skipped_steps"] = skipped
     return state_dict
 
 
@@ -33,8 +33,9 @@ def load(optimizer, state_dict: dict[str, Any], torch_load: Callable[[dict], Non
     loader ``torch_load``, then restore the dtype policy and the counters."""
     saved_state = state_dict["state"]
     saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
-    extra = state_dict.get(EXTRA_KEY)
-    torch_load({k: v for k, v in state_dict.items() if k != EXTRA_KEY})
+    groups = state_dict["param_groups"]
+    counters = {k: groups[0][k] for k in COUNTERS if groups and k in groups[0]}
+    torch_load(state_dict)
     params = list(chain.from_iterable(g["params"] for g in optimizer.param_groups))
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     for saved_id, p in zip(saved_ids, params):
@@ -59,9 +60,9 @@ def load(optimizer, state_dict: dict[str, Any], torch_load: Callable[[dict], Non
         else:
             state.pop("master_param", None)
         optimizer.init_state(p, group_of[id(p)])
-    if extra is not None:
-        optimizer._skipped_steps = int(extra.get("skipped_steps", 0))
-        optimizer._attempted_steps = int(extra.get("attempted_steps", 0))
+    if len(counters) == len(COUNTERS):
+        optimizer._skipped_steps = int(counters["skipped_steps"])
+        optimizer._attempted_steps = int(counters["attempted_steps"])
     else:
         # A torch checkpoint: torch does not advance `step` on skipped steps,
         # so the largest step is the number of applied steps.

@@ -67,6 +67,7 @@ class AdamW(FusedOptimizer):
         max_grad_value: float | None = None,
         master_weights: bool = False,
         backend: str = "auto",
+        process_group=None,
     ) -> None:
         if differentiable:
             raise NotImplementedError(
@@ -84,7 +85,7 @@ class AdamW(FusedOptimizer):
         )  # fmt: skip
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, max_grad_value=max_grad_value,
-            master_weights=master_weights, backend=backend,
+            master_weights=master_weights, backend=backend, process_group=process_group,
         )  # fmt: skip
 
     _moment_keys = ("exp_avg", "exp_avg_sq")

@@ -75,6 +75,7 @@ class AdEMAMix(FusedOptimizer):
         max_grad_value: float | None = None,
         master_weights: bool = False,
         backend: str = "auto",
+        process_group=None,
     ) -> None:
         validate_common(lr, weight_decay, betas, max_grad_norm, max_grad_value, n_betas=3)
         if not 0.0 <= eps:
@@ -91,7 +92,7 @@ class AdEMAMix(FusedOptimizer):
         )  # fmt: skip
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, max_grad_value=max_grad_value,
-            master_weights=master_weights, backend=backend,
+            master_weights=master_weights, backend=backend, process_group=process_group,
         )  # fmt: skip
 
     @torch.no_grad()

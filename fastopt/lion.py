@@ -45,12 +45,13 @@ class Lion(FusedOptimizer):
         max_grad_value: float | None = None,
         master_weights: bool = False,
         backend: str = "auto",
+        process_group=None,
     ) -> None:
         validate_common(lr, weight_decay, betas, max_grad_norm, max_grad_value)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, max_grad_value=max_grad_value,
-            master_weights=master_weights, backend=backend,
+            master_weights=master_weights, backend=backend, process_group=process_group,
         )  # fmt: skip
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

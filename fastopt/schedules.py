@@ -67,8 +67,14 @@ def applied_steps(optimizer: torch.optim.Optimizer) -> int:
     ``step()``, and ``torch.amp.GradScaler`` does not call ``step()`` when it
     finds an inf, so a scaler-skipped step leaves it unchanged too. Both
     counts live in (or are rebuilt from) the optimizer's state dict, so a
-    resumed run continues the schedule where it stopped.
+    resumed run continues the schedule where it stopped. A wrapper that
+    exposes its optimizer as ``.optim`` (``ZeroRedundancyOptimizer``) is read
+    through: each rank's local optimizer holds the same counts.
     """
+    while not hasattr(optimizer, "applied_steps") and isinstance(
+        getattr(optimizer, "optim", None), torch.optim.Optimizer
+    ):
+        optimizer = optimizer.optim
     count = getattr(optimizer, "applied_steps", None)
     if count is not None:
         return int(count)

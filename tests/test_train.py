@@ -1,4 +1,5 @@
-"""The training loop: accumulation, exact resume, atomic checkpoints, options, bad input."""
+"""The training loop: accumulation, exact resume, atomic checkpoints, options, devices, dropout,
+AdEMAMix, bad input."""
 
 import os
 import subprocess
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastopt import train as T
-from fastopt.data import Corpus
+import fastopt
+import fastopt.train as T
+from fastopt.train import checkpoint, config, loop
+from fastopt.train.data import Corpus, unigram_cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory):
     # 48 KiB of real Python source: small enough for fast tests, varied enough to learn from
-    src = Path(T.__file__).read_bytes() + Path(torch.__file__).read_bytes() * 4
+    src = Path(loop.__file__).read_bytes() + Path(torch.__file__).read_bytes() * 4
     f = tmp_path_factory.mktemp("data") / "corpus.txt"
     f.write_bytes(src[: 48 * 1024])
     return f
@@ -124,6 +127,8 @@ def test_accumulation_matches_one_big_batch(corpus_file, optimizer, monkeypatch)
             ],
         ),
         ("lion", ["--precision", "fp16", "--schedule", "linear"]),
+        ("adamw", ["--dropout", "0.2"]),  # dropout draws from torch's RNG: the checkpoint has it
+        ("ademamix", ["--accum-steps", "2", "--max-grad-norm", "0.5"]),
     ],
 )
 def test_stop_and_resume_is_bit_identical(corpus_file, tmp_path, optimizer, extra):
@@ -151,16 +156,16 @@ def test_stop_and_resume_is_bit_identical(corpus_file, tmp_path, optimizer, extr
 
 def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    T.save_checkpoint(path, {"step": 1, "w": torch.arange(1000.0)})
+    checkpoint.save_checkpoint(path, {"step": 1, "w": torch.arange(1000.0)})
 
     def torn_save(obj, f):
         f.write(b"PK\x03\x04 half a zip file")  # what a partial torch.save leaves behind
         raise OSError("disk full")
 
-    monkeypatch.setattr(T.torch, "save", torn_save)
+    monkeypatch.setattr(checkpoint.torch, "save", torn_save)
     with pytest.raises(OSError):
-        T.save_checkpoint(path, {"step": 2, "w": torch.zeros(1000)})
-    got = T.load_checkpoint(path)
+        checkpoint.save_checkpoint(path, {"step": 2, "w": torch.zeros(1000)})
+    got = checkpoint.load_checkpoint(path)
     assert got["step"] == 1 and torch.equal(got["w"], torch.arange(1000.0))
 
 
@@ -168,17 +173,17 @@ def test_process_killed_during_save_keeps_previous_checkpoint(tmp_path):
     """A real SIGKILL in the middle of writing the new checkpoint."""
     script = textwrap.dedent(
         f"""
-        import os, signal, torch
-        from fastopt import train as T
-        path = T.Path({str(tmp_path / "ckpt.pt")!r})
-        T.save_checkpoint(path, {{"step": 1, "w": torch.arange(10.0)}})
+        import os, pathlib, signal, torch
+        from fastopt.train import checkpoint as C
+        path = pathlib.Path({str(tmp_path / "ckpt.pt")!r})
+        C.save_checkpoint(path, {{"step": 1, "w": torch.arange(10.0)}})
         real_save = torch.save
         def dying_save(obj, f):
             real_save(obj, f)
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)  # after the bytes, before the rename
-        T.torch.save = dying_save
-        T.save_checkpoint(path, {{"step": 2, "w": torch.zeros(10)}})
+        C.torch.save = dying_save
+        C.save_checkpoint(path, {{"step": 2, "w": torch.zeros(10)}})
         """
     )
     env = os.environ | {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -191,7 +196,7 @@ def test_process_killed_during_save_keeps_previous_checkpoint(tmp_path):
     )
     assert proc.returncode == -9, proc.stderr.decode()
     assert (tmp_path / "ckpt.pt.tmp").exists()  # the killed save got as far as the tmp file
-    got = T.load_checkpoint(tmp_path / "ckpt.pt")
+    got = checkpoint.load_checkpoint(tmp_path / "ckpt.pt")
     assert got["step"] == 1 and torch.equal(got["w"], torch.arange(10.0))
 
 
@@ -227,6 +232,11 @@ def test_every_issue_option_is_on_the_command_line():
         "--restarts",
         "--restart-steps",
         "--compile",
+        "--device",
+        "--dropout",
+        "--beta3",
+        "--alpha",
+        "--ademamix-warmup",
     ):
         assert opt in help_text, opt
 
@@ -332,7 +342,6 @@ def test_bf16_keeps_bf16_params_with_fp32_masters(corpus_file, tmp_path):
 def test_default_corpus_and_unigram_baseline():
     corpus = Corpus(None)
     assert len(corpus.train) > 10 * len(corpus.val) / 2 > 0
-    from fastopt.data import unigram_cross_entropy
 
     # a uniform byte model costs ln 256; source code is far more predictable than that
     h = unigram_cross_entropy(corpus.train, corpus.val)
@@ -360,7 +369,10 @@ def test_bad_inputs_give_one_line_errors(corpus_file, tmp_path, capsys):
     assert "no files" in _error_line(capsys, tiny(tmp_path / "empty_dir", tmp_path / "o3"))
     assert "--steps" in _error_line(capsys, tiny(corpus_file, tmp_path / "o4", "--steps", "0"))
     assert "no checkpoint" in _error_line(capsys, tiny(corpus_file, tmp_path / "o5", "--resume"))
+    assert "--dropout" in _error_line(capsys, tiny(corpus_file, tmp_path / "o7", "--dropout", "1"))
     T.main(tiny(corpus_file, tmp_path / "o6", "--steps", "2"))
+    # dropout is a hyperparameter, not part of the shape: a resume may change it
+    T.main(tiny(corpus_file, tmp_path / "o6", "--steps", "3", "--resume", "--dropout", "0.1"))
     capsys.readouterr()
     err = _error_line(
         capsys,
@@ -401,7 +413,7 @@ def test_compile_path_trains_and_checkpoints(corpus_file, tmp_path, monkeypatch)
     # (the compiled forward, checkpoints of the un-wrapped module). Verified by hand with
     # inductor as well (see the training-loop notes in the README).
     real_compile = torch.compile
-    monkeypatch.setattr(T.torch, "compile", lambda m: real_compile(m, backend="eager"))
+    monkeypatch.setattr(loop.torch, "compile", lambda m: real_compile(m, backend="eager"))
     argv = tiny(corpus_file, tmp_path, "--steps", "4", "--compile", "--optimizer", "torch-adamw")
     T.main(argv)
     plain = tmp_path / "plain"
@@ -411,3 +423,110 @@ def test_compile_path_trains_and_checkpoints(corpus_file, tmp_path, monkeypatch)
     got = [r["loss"] for r in records(tmp_path) if "loss" in r]
     want = [r["loss"] for r in records(plain) if "loss" in r]
     assert got == pytest.approx(want, rel=1e-5)
+
+
+# ---- devices -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_device_cuda_without_a_gpu_fails_with_one_clear_line(corpus_file, tmp_path, capsys):
+    err = _error_line(capsys, tiny(corpus_file, tmp_path, "--device", "cuda", "--steps", "2"))
+    assert "--device cuda" in err and "no CUDA device" in err and "--device cpu" in err
+    assert not (tmp_path / T.METRICS).exists()  # refused before anything was trained or written
+
+
+def test_device_auto_and_the_precision_it_implies(corpus_file, tmp_path, monkeypatch):
+    have_gpu = torch.cuda.is_available()
+    cfg = T.parse_args(tiny(corpus_file, tmp_path))
+    assert (cfg.device, cfg.precision) == (("cuda", "bf16") if have_gpu else ("cpu", "fp32"))
+    # what auto picks on a GPU machine, checked here without one (no model is built)
+    monkeypatch.setattr(config.torch.cuda, "is_available", lambda: True)
+    cfg = T.parse_args(tiny(corpus_file, tmp_path))
+    assert (cfg.device, cfg.precision) == ("cuda", "bf16")
+    cfg = T.parse_args(tiny(corpus_file, tmp_path, "--device", "cpu"))
+    assert (cfg.device, cfg.precision) == ("cpu", "fp32")
+    cfg = T.parse_args(tiny(corpus_file, tmp_path, "--precision", "fp16"))
+    assert (cfg.device, cfg.precision) == ("cuda", "fp16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("optimizer", ["adamw", "torch-adamw"])
+def test_cuda_run_trains_in_bf16_and_resumes(corpus_file, tmp_path, optimizer):
+    argv = ["--device", "cuda", "--optimizer", optimizer, "--steps", "8", "--dropout", "0.1"]
+    cfg = T.parse_args(tiny(corpus_file, tmp_path, *argv))
+    assert cfg.precision == "bf16"
+    run = T.Run(cfg, Corpus(corpus_file), seed=0)
+    p = next(run.model.parameters())
+    assert p.is_cuda and p.dtype == (torch.bfloat16 if optimizer == "adamw" else torch.float32)
+    before = run.evaluate()
+    recs = [run.train_step() for _ in range(8)]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in recs)
+    assert run.evaluate() < before
+    T.main(tiny(corpus_file, tmp_path / "split", *argv, "--stop-after", "4"))
+    T.main(tiny(corpus_file, tmp_path / "split", *argv, "--resume"))
+    assert [r["step"] for r in records(tmp_path / "split") if "loss" in r] == list(range(1, 9))
+
+
+# ---- dropout -------------------------------------------------------------------------------
+
+
+def test_dropout_changes_training_losses_and_is_off_in_eval(corpus_file, tmp_path):
+    corpus = Corpus(corpus_file)
+
+    def run_with(p):
+        return T.Run(T.parse_args(tiny(corpus_file, tmp_path, "--dropout", str(p))), corpus, seed=0)
+
+    plain, dropped = run_with(0.0), run_with(0.3)
+    # dropout has no parameters and draws nothing at construction: the same initial weights
+    for a, b in zip(plain.model.parameters(), dropped.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # in eval mode nothing is dropped: the same weights give the same val loss, every time
+    assert dropped.evaluate() == plain.evaluate() == dropped.evaluate()
+    assert dropped.model.training  # evaluate() puts the model back in training mode
+    # in training mode it drops: the first loss, taken before any update, already differs
+    losses_plain = [plain.train_step()["loss"] for _ in range(3)]
+    losses_dropped = [dropped.train_step()["loss"] for _ in range(3)]
+    assert all(a != b for a, b in zip(losses_plain, losses_dropped, strict=True))
+
+
+# ---- AdEMAMix -------------------------------------------------------------------------------
+
+
+def test_ademamix_gets_the_run_s_hyperparameters(corpus_file, tmp_path, monkeypatch):
+    """What the loop passes to fastopt.AdEMAMix (checked with a stand-in for the class)."""
+    seen = {}
+
+    def fake_ademamix(params, **kwargs):
+        seen.update(kwargs)
+        return torch.optim.SGD(params, lr=kwargs["lr"])
+
+    monkeypatch.setattr(fastopt, "AdEMAMix", fake_ademamix, raising=False)
+    model = torch.nn.Linear(2, 2)
+    argv = ["--optimizer", "ademamix", "--steps", "40", "--beta3", "0.999", "--alpha", "8"]
+    loop.make_optimizer(T.parse_args(tiny(corpus_file, tmp_path, *argv)), model)
+    assert seen == {
+        "lr": 2e-3,
+        "betas": (0.9, 0.95, 0.999),
+        "alpha": 8.0,
+        "t_alpha": 40,  # the alpha and beta3 warm-ups span the run by default
+        "t_beta3": 40,
+        "eps": 1e-8,
+        "max_grad_norm": 1.0,
+        "master_weights": False,
+        "backend": "auto",
+    }
+    argv += ["--ademamix-warmup", "0", "--precision", "bf16"]
+    loop.make_optimizer(T.parse_args(tiny(corpus_file, tmp_path, *argv)), model)
+    assert seen["t_alpha"] is None and seen["t_beta3"] is None and seen["master_weights"]
+
+
+def test_ademamix_trains_a_few_steps(corpus_file, tmp_path):
+    cfg = T.parse_args(tiny(corpus_file, tmp_path, "--optimizer", "ademamix", "--steps", "8"))
+    run = T.Run(cfg, Corpus(corpus_file), seed=0)
+    assert isinstance(run.optimizer, fastopt.AdEMAMix)
+    before = run.evaluate()
+    recs = [run.train_step() for _ in range(8)]
+    assert not any(r["skipped"] for r in recs)
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in recs)
+    assert run.evaluate() < before

@@ -1,5 +1,5 @@
 // Multi-tensor chunking for the CPU kernels: the one piece every CPU op
-// shares (host-side planning, plus the walk a kernel does over one chunk).
+// shares. The op entries (ops_cpu.cpp) plan; the kernels (kernels.h) walk.
 //
 // NOTE [multi-tensor chunking]
 // All tensors of one call are laid end to end in a virtual flat index space
@@ -9,6 +9,11 @@
 // and ONE parallel region (at::parallel_for over the chunk list) runs the
 // whole step; there is no per-tensor parallel loop, whose fork/join cost is
 // what makes torch's fused CPU kernel slow on many small tensors.
+//
+// The plan is a flat list of segments (one tensor's [begin, end) inside one
+// chunk), in order, plus the index of each chunk's first segment. A range of
+// chunks is therefore a range of segments, and a kernel is one loop over
+// segments with one vector loop inside.
 //
 // A chunk boundary inside a tensor always falls on a multiple of kAlignElems
 // elements of that tensor, so (with torch's 64-byte aligned allocations) the
@@ -30,63 +35,58 @@ namespace fastopt::cpu {
 constexpr int64_t kChunkElems = 32768;
 constexpr int64_t kAlignElems = 64;
 
-// A chunk starts at element `offset` of tensor `tensor` and covers `numel`
-// elements, continuing into the following tensors (empty ones are skipped).
-struct Chunk {
+// Elements [begin, end) of tensor `tensor`.
+struct Segment {
   int64_t tensor;
-  int64_t offset;
-  int64_t numel;
+  int64_t begin;
+  int64_t end;
 };
 
-inline std::vector<Chunk> plan_chunks(const std::vector<int64_t>& numels) {
-  std::vector<Chunk> chunks;
-  int64_t total = 0;
-  for (int64_t n : numels) total += n;
-  chunks.reserve(static_cast<size_t>(total / kChunkElems + 2));
-  int64_t fill = kChunkElems;  // elements in the open chunk; "full" opens a new one
-  for (int64_t i = 0; i < static_cast<int64_t>(numels.size()); ++i) {
-    const int64_t n = numels[i];
-    int64_t off = 0;
-    while (off < n) {
-      if (fill >= kChunkElems) {
-        chunks.push_back({i, off, 0});
-        fill = 0;
-      }
-      int64_t take = std::min(n - off, kChunkElems - fill);
-      if (off + take < n) {
-        // The tensor continues in the next chunk: end this one on an aligned
-        // element of the tensor (see the note) and close it.
-        take -= take % kAlignElems;
-        chunks.back().numel += take;
-        off += take;
-        fill = kChunkElems;
-        continue;
-      }
-      chunks.back().numel += take;
-      fill += take;
-      off += take;
-    }
-  }
-  return chunks;
-}
+// What a kernel reads of the plan: chunk c is segments
+// [first_segment[c], first_segment[c + 1]).
+struct ChunkView {
+  const Segment* segments;
+  const int64_t* first_segment;
+};
 
-// Calls f(tensor, begin, end) for each contiguous piece of `chunk`, in order.
-// Always inlined so that, called from a kernel compiled for AVX-512, the
-// loops inside f are compiled for AVX-512 too.
-template <typename F>
-inline __attribute__((always_inline)) void for_each_segment(const Chunk& chunk,
-                                                            const int64_t* numels,
-                                                            F&& f) {
-  int64_t left = chunk.numel;
-  int64_t i = chunk.tensor;
-  int64_t off = chunk.offset;
-  while (left > 0) {
-    const int64_t len = std::min(numels[i] - off, left);
-    if (len > 0) f(i, off, off + len);
-    left -= len;
-    ++i;
-    off = 0;
+// The plan of one call, owned by the op entry for the call's duration.
+// O(number of tensors + number of chunks) memory.
+class ChunkPlan {
+ public:
+  explicit ChunkPlan(const std::vector<int64_t>& numels) {
+    int64_t total = 0;
+    for (int64_t n : numels) total += n;
+    first_segment_.reserve(static_cast<size_t>(total / kChunkElems + 2));
+    segments_.reserve(numels.size() + static_cast<size_t>(total / kChunkElems + 1));
+    int64_t fill = kChunkElems;  // elements in the open chunk; "full" opens a new one
+    for (int64_t i = 0; i < static_cast<int64_t>(numels.size()); ++i) {
+      const int64_t n = numels[i];
+      int64_t off = 0;
+      while (off < n) {
+        if (fill >= kChunkElems) {
+          first_segment_.push_back(static_cast<int64_t>(segments_.size()));
+          fill = 0;
+        }
+        int64_t take = std::min(n - off, kChunkElems - fill);
+        const bool continues = off + take < n;
+        // The tensor continues in the next chunk: end this one on an aligned
+        // element of the tensor (see the note). A fresh chunk always takes
+        // kChunkElems > 0 elements, so no chunk is empty.
+        if (continues) take -= take % kAlignElems;
+        if (take > 0) segments_.push_back({i, off, off + take});
+        off += take;
+        fill = continues ? kChunkElems : fill + take;
+      }
+    }
+    first_segment_.push_back(static_cast<int64_t>(segments_.size()));
   }
-}
+
+  int64_t num_chunks() const { return static_cast<int64_t>(first_segment_.size()) - 1; }
+  ChunkView view() const { return {segments_.data(), first_segment_.data()}; }
+
+ private:
+  std::vector<Segment> segments_;
+  std::vector<int64_t> first_segment_;
+};
 
 }  // namespace fastopt::cpu

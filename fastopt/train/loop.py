@@ -195,7 +195,7 @@ class Run:
         for _ in range(n_micro):
             x, y = self.batch(seq_len)
             with autocast(cfg):
-                loss = self.forward(x, y) / n_micro  # so the summed gradients are the mean's
+                loss = self.forward(x, y) / n_micro  # accumulated: the gradient of the mean loss
             scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
         t1 = self._clock()

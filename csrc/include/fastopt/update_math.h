@@ -14,15 +14,20 @@
 // NOTE [one formula per quantity]
 // Every backend uses the same formulas, chosen to match torch's
 // single-tensor AdamW (`torch.optim.AdamW(foreach=False)`) operation by
-// operation:
+// operation, as torch 2.14's CPU kernels evaluate each op on fp32 tensors
+// (measured bit for bit on the reference backend, which calls those ops):
 // * moments with a "weight" (m, and AdEMAMix's slow m2, and Lion's c and m)
-//   are torch.lerp: fma(w, b - a, a) when w < 0.5, else fma(w - 1, b - a, b)
-//   (torch's vectorized CPU lerp; the fma is explicit, never contracted);
-// * the second moment is torch's addcmul: v * b2 + ((1 - b2) * g) * g;
-// * AdamW's step is torch's addcdiv: p + (-step_size) * (m / denom), with
-//   denom = sqrt(v) / sqrt(1 - b2^t) + eps.
+//   are torch.lerp: fma(w, b - a, a) when w < 0.5, else fma(w - 1, b - a, b);
+// * the second moment is torch's mul_ then addcmul_:
+//   fma((1 - b2) * g, g, v * b2) (addcmul's `self + value * t1 * t2`, which
+//   torch's kernel fuses into one fma);
+// * AdamW's step is torch's addcdiv_: p + ((-step_size) * m) / denom, with
+//   denom = sqrt(v) / sqrt(1 - b2^t) + eps (addcdiv's `self + value * t1 / t2`
+//   has nothing to fuse; torch's CUDA addcdiv computes fma(value, t1 / t2,
+//   self) instead, so a reference run on a GPU can differ by an ulp here);
+// * AdEMAMix's step is torch's add_(u, alpha=-lr): fma(u, -lr, p).
 // The build turns off implicit floating-point contraction (setup.py:
-// -ffp-contract=off, nvcc --fmad=false) so no compiler fuses any other pair.
+// -ffp-contract=off, nvcc --fmad=false) so only the fmas written here fuse.
 //
 // NOTE [gradient transform]
 // Every update reads g through one transform, in this order (SPEC §3):
@@ -35,12 +40,7 @@
 // the same bits as negating g afterwards.
 #pragma once
 
-#include <c10/macros/Macros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <cmath>
-#include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FASTOPT_HD __host__ __device__ __forceinline__
@@ -104,13 +104,13 @@ FASTOPT_HD AdamWCoeffs adamw_coeffs(double lr, double beta1, double beta2, doubl
 // One AdamW element; g is already transformed (transform_grad).
 //   p *= 1 - lr*wd
 //   m = lerp(m, g, 1-b1) ; v = v*b2 + (1-b2)*g*g ; (amsgrad) vmax = max(vmax, v)
-//   p -= (lr / (1-b1^t)) * m / (sqrt(v) / sqrt(1-b2^t) + eps)
+//   p -= ((lr / (1-b1^t)) * m) / (sqrt(v) / sqrt(1-b2^t) + eps)
 template <bool AMSGRAD>
 FASTOPT_HD void adamw_element(float& p, float g, float& m, float& v, float& vmax,
                               const AdamWCoeffs& c) {
   p = p * c.decay;
   m = lerp(m, g, c.one_minus_beta1);
-  v = v * c.beta2 + (c.one_minus_beta2 * g) * g;
+  v = ::fmaf(c.one_minus_beta2 * g, g, v * c.beta2);
   float v_used = v;
   if (AMSGRAD) {
     // NaN-propagating max, like torch.maximum.
@@ -118,7 +118,7 @@ FASTOPT_HD void adamw_element(float& p, float g, float& m, float& v, float& vmax
     v_used = vmax;
   }
   const float denom = ::sqrtf(v_used) / c.bias_corr2_sqrt + c.eps;
-  p = p + (-c.step_size) * (m / denom);
+  p = p + ((-c.step_size) * m) / denom;
 }
 
 // ---- Lion ------------------------------------------------------------------
@@ -202,10 +202,10 @@ FASTOPT_HD void ademamix_element(float& p, float g, float& m1, float& m2, float&
                                  const AdEMAMixCoeffs& c) {
   m1 = lerp(m1, g, c.one_minus_beta1);
   m2 = lerp(m2, g, c.one_minus_beta3);
-  v = v * c.beta2 + (c.one_minus_beta2 * g) * g;
+  v = ::fmaf(c.one_minus_beta2 * g, g, v * c.beta2);
   const float denom = ::sqrtf(v) / c.bias_corr2_sqrt + c.eps;
   const float update = (m1 / c.bias_corr1 + c.alpha * m2) / denom + c.weight_decay * p;
-  p = p + (-c.lr) * update;
+  p = ::fmaf(update, -c.lr, p);
 }
 
 }  // namespace fastopt
