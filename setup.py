@@ -18,10 +18,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # NOTE [CUDA build time]: the kernel files (csrc/cuda/*.cu) include no ATen
 # headers -- only c10's BFloat16/Half and the shared math -- and the op entries
 # that need ATen are plain C++ (csrc/cuda/ops_cuda.cpp), so each nvcc pass stays
-# short; maximize is a runtime sign, not a template parameter, which halves the
-# kernel count (see csrc/cuda/adamw.cu). torch adds the C++ standard (C++20).
-# tests/test_cuda_build.py compiles the kernels with these same flags.
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+# short; maximize is a sign folded into grad_mul, not a template parameter,
+# which halves the kernel count. torch adds the C++ standard (C++20).
+# --fmad=false: only the fmas update_math.h writes out fuse (NOTE [one formula
+# per quantity]). tests/test_cuda_build.py compiles the kernels with these same
+# flags.
+CXX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]
 
 
 def _rel(pattern):
@@ -92,23 +95,22 @@ def _extensions():
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     # torch adds the C++ standard it needs (C++20). -fopenmp: at::parallel_for is
     # an inline OpenMP region, a single thread without it. -fno-trapping-math:
-    # lets GCC vectorize the bf16/fp16 CPU loops (csrc/cpu/kernels.h).
-    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+    # lets GCC vectorize the bf16/fp16 CPU loops; -ffp-contract=off: no fma but
+    # the ones update_math.h writes (NOTE [CPU SIMD through function
+    # multiversioning] in csrc/cpu/kernels.h).
+    cxx_flags = CXX_FLAGS
     link_flags = ["-fopenmp"]
-    define_macros = []
     if not with_cuda:
         return [
             cpp_extension.CppExtension(
                 "fastopt._C",
                 sources,
                 include_dirs=include_dirs,
-                define_macros=define_macros,
                 extra_compile_args={"cxx": cxx_flags},
                 extra_link_args=link_flags,
             )
         ]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    define_macros.append(("FASTOPT_WITH_CUDA", "1"))
     sources += _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
     # The toolkit's headers ahead of the nvidia-* wheels': the nvidia-cuda-runtime
     # wheel ships its own cuda_runtime.h (without crt/), which must not shadow
@@ -120,7 +122,6 @@ def _extensions():
             "fastopt._C",
             sources,
             include_dirs=include_dirs,
-            define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS},
             extra_link_args=link_flags,
         )

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -46,6 +47,11 @@ from torch.nn.utils import clip_grad_norm_
 THREADS = 2
 ADAMW_HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 LION_HP = dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-2)
+# Both schedulers on, as the paper runs AdEMAMix, so the per-step alpha/beta3 work is measured.
+ADEMAMIX_HP = dict(
+    lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=1000, t_beta3=1000, eps=1e-8,
+    weight_decay=1e-2,
+)
 # Far below the gradients' norm (~0.01 * sqrt(numel)), so clipping really scales.
 MAX_GRAD_NORM = 1.0
 LOSS_SCALE = 2.0**16
@@ -348,6 +354,67 @@ def fastopt_lion(data: Data) -> harness.Contender:
     return harness.Contender("", opt.step, keep=[params, opt])
 
 
+def bitsandbytes_ademamix(data: Data) -> harness.Contender:
+    try:
+        from bitsandbytes.optim import AdEMAMix
+    except Exception as exc:
+        raise harness.Unavailable(
+            f"bitsandbytes not importable: {type(exc).__name__}: {exc}"
+        ) from None
+    params = fresh_params(data)
+    opt = _optional_build("bitsandbytes AdEMAMix", lambda: AdEMAMix(params, **ADEMAMIX_HP))
+    return harness.Contender("", opt.step, keep=[params, opt])
+
+
+class ForeachAdEMAMix:
+    """AdEMAMix (Pagliardini et al. 2024, Algorithm 1) written with torch's foreach ops:
+    what a user gets without a fused kernel (the benchmark's stock-PyTorch baseline)."""
+
+    def __init__(self, params, lr, betas, alpha, t_alpha, t_beta3, eps, weight_decay):
+        self.params = list(params)
+        self.lr, (self.b1, self.b2, self.b3), self.alpha = lr, betas, alpha
+        self.t_alpha, self.t_beta3, self.eps, self.wd = t_alpha, t_beta3, eps, weight_decay
+        self.m1 = [torch.zeros_like(p) for p in self.params]
+        self.m2 = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        t, b1, b2, b3 = self.t, self.b1, self.b2, self.b3
+        alpha = min(t * self.alpha / self.t_alpha, self.alpha)
+        frac = t / self.t_beta3
+        ln1, ln3 = math.log(b1), math.log(b3)
+        beta3 = min(math.exp(ln1 * ln3 / ((1 - frac) * ln3 + frac * ln1)), b3)
+        grads = [p.grad for p in self.params]
+        torch._foreach_lerp_(self.m1, grads, 1 - b1)
+        torch._foreach_lerp_(self.m2, grads, 1 - beta3)
+        torch._foreach_mul_(self.v, b2)
+        torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)
+        denom = torch._foreach_sqrt(self.v)
+        torch._foreach_div_(denom, math.sqrt(1 - b2**t))
+        torch._foreach_add_(denom, self.eps)
+        num = torch._foreach_div(self.m1, 1 - b1**t)
+        torch._foreach_add_(num, self.m2, alpha=alpha)
+        torch._foreach_div_(num, denom)
+        torch._foreach_add_(num, self.params, alpha=self.wd)
+        torch._foreach_add_(self.params, num, alpha=-self.lr)
+
+
+def foreach_ademamix(data: Data) -> harness.Contender:
+    params = fresh_params(data)
+    opt = ForeachAdEMAMix(params, **ADEMAMIX_HP)
+    return harness.Contender("", opt.step, keep=[params, opt])
+
+
+def fastopt_ademamix(data: Data) -> harness.Contender:
+    AdEMAMix = _fastopt("AdEMAMix")
+    params = fresh_params(data)
+    opt = AdEMAMix(params, **ADEMAMIX_HP, backend="cpu")
+    return harness.Contender("", opt.step, keep=[params, opt])
+
+
 # ---------------------------------------------------------------------------
 # Workloads
 # ---------------------------------------------------------------------------
@@ -492,6 +559,19 @@ WORKLOADS: tuple[Workload, ...] = (
         (
             Target("fastopt Lion cpu", "DeepSpeed CPULion", 1.2),
             Target("fastopt Lion cpu", "lion-pytorch Lion", 6.0),
+        ),
+    ),
+    Workload(
+        "i",
+        "64M fp32 params in 64 tensors, AdEMAMix (both schedulers on)",
+        "big",
+        torch.float32,
+        harness.min_bytes_per_param("ademamix"),
+        "torch foreach AdEMAMix",
+        (
+            ("torch foreach AdEMAMix", foreach_ademamix),
+            ("bitsandbytes AdEMAMix", bitsandbytes_ademamix),
+            ("fastopt AdEMAMix cpu", fastopt_ademamix),
         ),
     ),
 )

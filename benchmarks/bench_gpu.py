@@ -69,7 +69,7 @@ Timer = Callable[..., dict]  # (contenders, *, rounds) -> {name: harness.Timing}
 
 def full_sizes() -> bench_cpu.Sizes:
     """bench_cpu's full shapes; the copy reference over 2 x 1 GiB (far above any GPU's L2)."""
-    return dataclasses.replace(bench_cpu.full_sizes(), bandwidth_elements=256 * 2**20, rounds=15)
+    return dataclasses.replace(bench_cpu.full_sizes(), bandwidth_elements=256 * 2**20, rounds=21)
 
 
 def quick_sizes() -> bench_cpu.Sizes:
@@ -309,7 +309,7 @@ def cuda_time_interleaved(
     *,
     rounds: int,
     warmup_rounds: int = 2,
-    min_round_seconds: float = 0.005,
+    min_round_seconds: float = 0.01,
 ) -> dict[str, harness.Timing]:
     """harness.time_interleaved's rounds, timed with CUDA events.
 
@@ -390,6 +390,8 @@ def launch_counts(events, device_type: str) -> dict:
                 memset += 1
             else:
                 names[e.name[:80]] += 1
+        if not names and not memcpy and not memset:
+            raise RuntimeError("the profiler recorded no GPU activity (is CUPTI available?)")
         what = "GPU kernels (torch.profiler CUDA activity)"
     else:
         memcpy = memset = 0
@@ -695,6 +697,15 @@ def render_markdown(result: dict) -> str:
     if missing:
         lines += ["", "Missing contenders:"]
         lines += [f"- ({k}) {m['contender']}: {m['reason']}" for k, m in missing]
+    no_count = [
+        (w["key"], r["contender"], r["launches"]["error"])
+        for w in result["workloads"]
+        for r in w["rows"]
+        if "error" in (r.get("launches") or {})
+    ]
+    if no_count:
+        lines += ["", "Launches not counted:"]
+        lines += [f"- ({k}) {name}: {err}" for k, name, err in no_count]
     if result["errors"]:
         lines += ["", "Failed workloads:"]
         lines += [f"- ({e['workload']}) {e['error']}" for e in result["errors"]]
@@ -714,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="bench_cpu's quick sizes: a smoke run")
     size.add_argument("--tiny", action="store_true", help="tiny sizes (for --device cpu)")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 21)")
     ap.add_argument("--only", default=None, help="comma-separated workload keys, e.g. a,f,h")
     ap.add_argument("--json", default=None, help="write the full result (raw per-round times) here")
     ap.add_argument("--markdown", default=None, help="also write the markdown table here")

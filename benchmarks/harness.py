@@ -41,7 +41,8 @@ import torch
 # SPEC §5: minimum bytes moved per parameter per step
 # ---------------------------------------------------------------------------
 
-_STATES_PER_PARAM = {"adamw": 2, "lion": 1}  # exp_avg (+ exp_avg_sq for AdamW)
+# exp_avg (+ exp_avg_sq for AdamW; + exp_avg_slow and exp_avg_sq for AdEMAMix)
+_STATES_PER_PARAM = {"adamw": 2, "lion": 1, "ademamix": 3}
 
 
 def min_bytes_per_param(

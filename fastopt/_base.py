@@ -93,6 +93,14 @@ class StepPlan:
             raise
 
 
+def run_closure(closure) -> Any:
+    """The closure's loss, computed with autograd on (step() itself runs under no_grad)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def add_to_steps(bucket: Bucket, value: float | Tensor) -> None:
     """NOTE [step counters]: torch's `step` is one float32 scalar tensor per
     parameter. On the CPU torch._foreach_add_ over thousands of them dispatches

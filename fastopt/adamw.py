@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastopt import backends
-from fastopt._base import FusedOptimizer, validate_common
+from fastopt._base import FusedOptimizer, run_closure, validate_common
 
 __all__ = ["AdamW", "adamw"]
 
@@ -98,10 +98,7 @@ class AdamW(FusedOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step; returns the closure's loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         plan = self._plan_step()
         for group, bucket in plan.buckets:
             beta1, beta2 = group["betas"]

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fastopt import backends
-from fastopt._base import FusedOptimizer, validate_common
+from fastopt._base import FusedOptimizer, run_closure, validate_common
 
 __all__ = ["AdEMAMix", "ademamix"]
 
@@ -98,10 +98,7 @@ class AdEMAMix(FusedOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step; returns the closure's loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         plan = self._plan_step()
         for group, bucket in plan.buckets:
             beta1, beta2, beta3 = group["betas"]

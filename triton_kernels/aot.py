@@ -1,10 +1,10 @@
 """Every kernel specialisation the Triton backend can launch, for ahead-of-time checks.
 
 The launchers pass tensors for pointers (never alignment-specialised, see the
-``do_not_specialize_on_alignment`` lists) and Python floats for scalars
-(``fp32``), so a specialisation is fixed by its constexprs alone; this module
-enumerates them so tests can ``triton.compile`` each one for a GPU target
-without a GPU (tests/test_triton_aot.py).
+``do_not_specialize_on_alignment`` lists) and annotated fp64/fp32 scalars, so
+a specialisation is fixed by its constexprs alone; this module enumerates
+them so tests can ``triton.compile`` each one for a GPU target without a GPU
+(tests/test_triton_aot.py), with the launches' own options.
 """
 
 from __future__ import annotations
@@ -14,82 +14,85 @@ from collections.abc import Iterator
 import triton.language as tl
 
 from fastopt.triton_kernels import multi_tensor as mt
+from fastopt.triton_kernels.ademamix import _ademamix_kernel
 from fastopt.triton_kernels.adamw import _adamw_kernel
 from fastopt.triton_kernels.lion import _lion_kernel
 from fastopt.triton_kernels.norm import _sumsq_kernel
 
-STORAGE_DTYPES = (tl.float32, tl.bfloat16, tl.float16)
+STORAGE_DTYPES = tuple(mt.TL_DTYPE.values())
 LOW_PRECISION = (tl.bfloat16, tl.float16)
 
-_COMMON = {"ROW_WIDTH": mt.ROW_WIDTH, "BLOCK": mt.BLOCK, "CHUNK": mt.CHUNK}
+# Pointer arguments, by the name every kernel gives them; scalar arguments
+# carry their type as an annotation (``lr: tl.float64``).
+POINTER_TYPES = {
+    "chunks_ptr": "*i64",
+    "rows_ptr": "*i64",
+    "partials_ptr": "*fp32",
+    "lr_ptr": "*fp32",
+    "grad_mul_ptr": "*fp32",
+    "clip_coef_ptr": "*fp32",
+    "skip_ptr": "*fp32",
+}
+
+# Elementwise fp32 fmas each kernel writes on purpose (its lerps), per element:
+# with implicit contraction off these are the only fma.rn.f32 in its PTX.
+EXPLICIT_FMAS = {"sumsq": 0, "adamw": 1, "lion": 2, "ademamix": 2}
 
 
-def _signature(kernel, runtime: dict[str, str]) -> dict[str, str]:
-    # Runtime arguments are listed explicitly; everything else must be an
-    # UPPER_CASE constexpr, so a forgotten runtime argument fails here.
-    assert set(runtime) <= set(kernel.arg_names), set(runtime) - set(kernel.arg_names)
-    missing = [n for n in kernel.arg_names if n not in runtime and not n.isupper()]
-    assert not missing, f"{kernel.__name__}: no signature type for {missing}"
-    return {name: runtime.get(name, "constexpr") for name in kernel.arg_names}
+def signature(kernel) -> dict[str, str]:
+    """The ``triton.compile`` signature of a kernel: constexprs, annotated scalars, pointers."""
+    sig = {}
+    for param in kernel.params:
+        if param.is_constexpr:
+            assert param.name.isupper(), f"{kernel.__name__}: constexpr {param.name} not UPPER_CASE"
+            sig[param.name] = "constexpr"
+        elif param.annotation:
+            sig[param.name] = param.annotation
+        else:
+            assert param.name in POINTER_TYPES, f"{kernel.__name__}: no type for {param.name}"
+            sig[param.name] = POINTER_TYPES[param.name]
+    return sig
 
 
-_ADAMW_ARGS = {
-    "chunks_ptr": "*i64", "rows_ptr": "*i64", "lr_hi": "fp32", "lr_lo": "fp32", "lr_ptr": "*fp64",
-    "wd_hi": "fp32", "wd_lo": "fp32", "beta1_hi": "fp32", "beta1_lo": "fp32",
-    "beta2_hi": "fp32", "beta2_lo": "fp32", "one_minus_beta1": "fp32", "beta2": "fp32",
-    "one_minus_beta2": "fp32", "eps": "fp32", "grad_sign": "fp32",
-    "grad_mul_ptr": "*fp32", "found_inf_ptr": "*fp32",
-}  # fmt: skip
-_LION_ARGS = {
-    "chunks_ptr": "*i64", "rows_ptr": "*i64", "lr_hi": "fp32", "lr_lo": "fp32", "lr_ptr": "*fp64",
-    "wd_hi": "fp32", "wd_lo": "fp32", "one_minus_beta1": "fp32", "one_minus_beta2": "fp32",
-    "grad_sign": "fp32", "grad_mul_ptr": "*fp32", "found_inf_ptr": "*fp32",
-}  # fmt: skip
-_SUMSQ_ARGS = {"chunks_ptr": "*i64", "rows_ptr": "*i64", "partials_ptr": "*fp32"}
+def _grad_dtypes(p):
+    # Gradients have the params' dtype, or fp32 for bf16/fp16 params.
+    return (p,) if p == tl.float32 else (p, tl.float32)
 
 
-def specialisations() -> Iterator[tuple[str, object, dict[str, str], dict[str, object]]]:
-    """(label, kernel, signature, constexprs) for every launchable specialisation."""
+def specialisations() -> Iterator[tuple[str, object, dict[str, object]]]:
+    """(label, kernel, constexprs) for every launchable specialisation."""
     for aligned in (True, False):
         for g in STORAGE_DTYPES:
             yield (
                 f"sumsq g={g} aligned={aligned}",
                 _sumsq_kernel,
-                _signature(_sumsq_kernel, _SUMSQ_ARGS),
-                {"G_DTYPE": g, "ALIGNED": aligned, **_COMMON},
+                {"G_DTYPE": g, "ALIGNED": aligned},
             )
         for p in STORAGE_DTYPES:
-            for g in STORAGE_DTYPES:
+            for g in _grad_dtypes(p):
                 for master in (False, True) if p in LOW_PRECISION else (False,):
+                    common = {"P_DTYPE": p, "G_DTYPE": g, "MASTER": master, "ALIGNED": aligned}
                     for amsgrad in (False, True):
                         yield (
                             f"adamw p={p} g={g} master={master} amsgrad={amsgrad} aligned={aligned}",
                             _adamw_kernel,
-                            _signature(_adamw_kernel, _ADAMW_ARGS),
-                            {"P_DTYPE": p, "G_DTYPE": g, "AMSGRAD": amsgrad, "MASTER": master,
-                             "ALIGNED": aligned, **_COMMON},
-                        )  # fmt: skip
+                            {**common, "AMSGRAD": amsgrad},
+                        )
+                    yield (f"lion p={p} g={g} master={master} aligned={aligned}", _lion_kernel, common)
                     yield (
-                        f"lion p={p} g={g} master={master} aligned={aligned}",
-                        _lion_kernel,
-                        _signature(_lion_kernel, _LION_ARGS),
-                        {
-                            "P_DTYPE": p,
-                            "G_DTYPE": g,
-                            "MASTER": master,
-                            "ALIGNED": aligned,
-                            **_COMMON,
-                        },
+                        f"ademamix p={p} g={g} master={master} aligned={aligned}",
+                        _ademamix_kernel,
+                        common,
                     )
 
 
-def compile_one(kernel, signature, constexprs, arch: int):
+def compile_one(kernel, constexprs, arch: int):
     """``triton.compile`` one specialisation for ``sm_<arch>`` (no GPU needed)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    src = ASTSource(kernel, signature, constexprs=constexprs)
-    return compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": mt.NUM_WARPS})
+    src = ASTSource(kernel, signature(kernel), constexprs=constexprs)
+    return compile(src, target=GPUTarget("cuda", arch, 32), options=dict(mt.LAUNCH_OPTIONS))
 
 
 def check_all(arch: int) -> list[dict]:
@@ -104,10 +107,10 @@ def check_all(arch: int) -> list[dict]:
     import re
 
     results = []
-    for label, kernel, signature, constexprs in specialisations():
+    for label, kernel, constexprs in specialisations():
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
-            compiled = compile_one(kernel, signature, constexprs, arch)
+            compiled = compile_one(kernel, constexprs, arch)
         ptx = compiled.asm["ptx"]
         spills = [
             int(a) + int(b)
@@ -124,6 +127,7 @@ def check_all(arch: int) -> list[dict]:
                 "v4_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", ptx)),
                 "v2_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v2\.", ptx)),
                 "v4_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v4\.", ptx)),
+                "fma_f32": len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
                 "local_memory": bool(re.search(r"\.local\b|ld\.local|st\.local", ptx)),
                 "spill_bytes": spills,
                 "registers": registers,

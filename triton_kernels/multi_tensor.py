@@ -12,7 +12,8 @@ pointers, not flat buffers:
   package exists to remove (SPEC §5).
 * A pointer table costs nothing per element. For each tensor it holds one row
   of int64s: ``numel``, the address of its ``step`` scalar, then the address
-  of each array the kernel touches (param, grad, moments, master). Each tensor
+  of each array the kernel touches, in slots named below (``PARAM``, ``GRAD``,
+  ``MASTER_PARAM``, then the optimizer's states). Each tensor
   is cut into chunks of ``CHUNK`` elements and a chunk list of int64 entries
   ``(tensor index << 32) | chunk index within the tensor`` maps every program
   id of a 1-D grid to its chunk. A program loads its entry, then its tensor's
@@ -39,93 +40,125 @@ pointers, not flat buffers:
 from __future__ import annotations
 
 import math
-import os
-import struct
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
+
+from fastopt.triton_kernels.interpreter import device_fn, interpreting
 
 # Elements per program. 8192 fp32 AdamW elements move ~224 KB per program:
 # long enough to amortise the per-program table reads, short enough that a
 # group of small tensors still spreads over all SMs.
-CHUNK = 8192
+CHUNK = tl.constexpr(8192)
 # Elements per inner iteration; with 8 warps that is 4 per thread: one 128-bit
 # access per fp32 array (64-bit per bf16/fp16 array). Four warps with 8 per
 # thread doubled the register count (up to ~200 with fp32 masters and the
 # integer RNE code, limiting occupancy) and made ptxas spill a word in some
 # Lion specialisations; at 8 warps every specialisation compiles spill-free.
-BLOCK = 1024
+COMPILED_BLOCK = 1024
 NUM_WARPS = 8
-
 # NOTE [interpreter block size]
-# Under TRITON_INTERPRET=1 each block operation is a numpy call with a large
-# fixed cost, so the kernels run with 4096-element blocks there: still two
-# iterations per full chunk (the loop is exercised) at a quarter of the calls.
-# BLOCK is a pure tiling constexpr (any power of two dividing CHUNK computes
-# the same values); the compiled GPU specialisations, checked ahead of time by
-# tests/test_triton_aot.py, use BLOCK.
+# Under TRITON_INTERPRET=1 each block operation has a large fixed cost, so the
+# kernels run with 4096-element blocks there: still two iterations per full
+# chunk (the loop is exercised) at a quarter of the operations. BLOCK is a
+# pure tiling constant (any power of two dividing CHUNK computes the same
+# values); the compiled GPU specialisations, checked ahead of time by
+# tests/test_triton_aot.py, use COMPILED_BLOCK.
 INTERPRET_BLOCK = 4096
+BLOCK = tl.constexpr(INTERPRET_BLOCK if interpreting() else COMPILED_BLOCK)
+# Options of every launch (and of the ahead-of-time compiles): no implicit
+# fp contraction, so the only fused multiply-adds are the explicit ones of
+# NOTE [one formula per quantity] (csrc/include/fastopt/update_math.h).
+LAUNCH_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 
+# The storage dtypes the kernels take, and their Triton names.
+TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
-def block_size() -> int:
-    """BLOCK for compiled kernels, INTERPRET_BLOCK under the interpreter."""
-    return INTERPRET_BLOCK if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else BLOCK
-
-
-# Row layout of the tensor table (int64 words).
-ROW_NUMEL = 0
-ROW_STEP = 1
-ROW_ARRAYS = 2  # first array address; array k lives at ROW_ARRAYS + k
-ROW_WIDTH = 8  # room for numel, step and up to six arrays
+# Row layout of the tensor table (int64 words): numel, the address of the
+# tensor's step scalar (0 for Lion), then one address per array.
+ROW_NUMEL = tl.constexpr(0)
+ROW_STEP = tl.constexpr(1)
+ROW_ARRAYS = tl.constexpr(2)  # array slot k lives at ROW_ARRAYS + k
+ROW_WIDTH = tl.constexpr(8)  # room for numel, step and six arrays (AdamW, AdEMAMix)
+# Array slots every update kernel shares; its optimizer states follow from
+# FIRST_STATE in the order its launcher lists them.
+PARAM = tl.constexpr(0)
+GRAD = tl.constexpr(1)
+MASTER_PARAM = tl.constexpr(2)  # the param's own address again without master weights
+FIRST_STATE = tl.constexpr(3)
 
 _ALIGN_BYTES = 16
 _CACHE_SIZE = 64
 
-# ---- device side: the table walk every kernel starts with --------------------
-# NOTE [interpreter cost of jit calls] (adamw.py) applies: these are called once
-# per program (locate_chunk, array_ptr) or once per block (block_offsets), never
-# per element. Compiled, they inline: the PTX is the same as with the code
-# written out in each kernel.
+# ---- device side: the table walk and the chunk loop every kernel shares -------
 
 
-@triton.jit
-def locate_chunk(chunks_ptr, rows_ptr, ROW_WIDTH: tl.constexpr, CHUNK: tl.constexpr):
+@device_fn
+def locate_chunk(chunks_ptr, rows_ptr):
     """This program's chunk: (its tensor's row, the chunk's first element, the tensor's numel)."""
     entry = tl.load(chunks_ptr + tl.program_id(0))
     row = rows_ptr + (entry >> 32) * ROW_WIDTH
     start = (entry & 0xFFFFFFFF) * CHUNK  # int64: tensors beyond 2^31 elements
-    n = tl.load(row + 0)  # ROW_NUMEL
-    return row, start, n
+    return row, start, tl.load(row + ROW_NUMEL)
 
 
-@triton.jit
-def array_ptr(row, K: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Array ``K`` of a tensor row as a typed pointer, marked 16-byte aligned when
+@device_fn
+def array_ptr(row, SLOT: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Array ``SLOT`` of a tensor row as a typed pointer, marked 16-byte aligned when
     the group is (the hint 128-bit accesses need, NOTE [triton multi-tensor])."""
-    ptr = tl.load(row + 2 + K).to(tl.pointer_type(DTYPE))  # ROW_ARRAYS + K
+    ptr = tl.load(row + ROW_ARRAYS + SLOT).to(tl.pointer_type(DTYPE))
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
 
 
-@triton.jit
-def block_offsets(block_start, n, BLOCK: tl.constexpr, MASKED: tl.constexpr):
-    """Element offsets of one block and their mask: ``offs < n`` for a tensor's last
-    chunk, an all-true constant (which the compiler drops) for a full one."""
-    offs = block_start + tl.arange(0, BLOCK).to(tl.int64)
-    if MASKED:
-        mask = offs < n
+@device_fn
+def weight_ptrs(
+    row, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr
+):
+    """(param, grad, weight) pointers of an update: the weight the update runs on is
+    the fp32 master with master weights, else the param itself."""
+    p_ptr = array_ptr(row, PARAM, P_DTYPE, ALIGNED)
+    g_ptr = array_ptr(row, GRAD, G_DTYPE, ALIGNED)
+    w_ptr = array_ptr(row, MASTER_PARAM, tl.float32, ALIGNED) if MASTER else p_ptr
+    return p_ptr, g_ptr, w_ptr
+
+
+@device_fn
+def step_count(row):
+    """The tensor's step ``t`` (its float32 ``step`` state, read on the device) in fp64."""
+    return tl.load(tl.load(row + ROW_STEP).to(tl.pointer_type(tl.float32))).to(tl.float64)
+
+
+@device_fn
+def for_each_block(BODY: tl.constexpr, args, start, n):
+    """Run ``BODY(args, offs, mask)`` over the blocks of one chunk; return the sum of
+    what it returns (the norm's squares; the updates return 0).
+
+    A full chunk loops a constant trip count under an all-true constant mask,
+    which the compiler drops (unmasked accesses can be 128-bit vectors); a
+    tensor's last chunk is masked and loops only over what it holds. ``BODY``
+    is a ``device_fn``; compiled, it inlines into both loops.
+    """
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    if start + CHUNK <= n:
+        for block_start in range(start, start + CHUNK, BLOCK):
+            offs = block_start + tl.arange(0, BLOCK).to(tl.int64)
+            acc += BODY(args, offs, tl.full([BLOCK], 1, tl.int1))
     else:
-        mask = tl.full([BLOCK], 1, tl.int1)
-    return offs, mask
+        for block_start in range(start, n, BLOCK):
+            offs = block_start + tl.arange(0, BLOCK).to(tl.int64)
+            acc += BODY(args, offs, offs < n)
+    return acc
 
 
-def chunk_entries(numels: list[int], chunk: int = CHUNK) -> Tensor:
+# ---- host side: the chunk list, the cached tables, the shared arguments -------
+
+
+def chunk_entries(numels: list[int], chunk: int = CHUNK.value) -> Tensor:
     """The chunk list for tensors of sizes ``numels``: one int64 per program.
 
     Entry ``(t << 32) | c`` is chunk ``c`` of tensor ``t`` and covers elements
@@ -145,7 +178,7 @@ def chunk_entries(numels: list[int], chunk: int = CHUNK) -> Tensor:
     return torch.cat(per_tensor)
 
 
-def decode_chunk(entry: int, chunk: int = CHUNK) -> tuple[int, int]:
+def decode_chunk(entry: int, chunk: int = CHUNK.value) -> tuple[int, int]:
     """(tensor index, first element offset) of a chunk entry, as the kernels compute it."""
     return entry >> 32, (entry & 0xFFFFFFFF) * chunk
 
@@ -164,77 +197,109 @@ class LaunchTable:
 _tables: OrderedDict[tuple, LaunchTable] = OrderedDict()
 
 
-def _build(device: torch.device, numels: list[int], steps: list[int], arrays: list[list[int]]):
+def _build(device: torch.device, numels, steps, arrays) -> LaunchTable:
     n_tensors = len(numels)
     entries = chunk_entries(numels)
     n_chunks = entries.numel()
     # Pad the chunk list to an even length so the rows view starts 16-byte aligned.
     chunk_words = n_chunks + (n_chunks & 1)
     pin = device.type == "cuda"
-    host = torch.zeros(chunk_words + n_tensors * ROW_WIDTH, dtype=torch.int64, pin_memory=pin)
+    host = torch.zeros(chunk_words + n_tensors * ROW_WIDTH.value, dtype=torch.int64, pin_memory=pin)
     host[:n_chunks] = entries
-    rows = host[chunk_words:].view(n_tensors, ROW_WIDTH)
-    rows[:, ROW_NUMEL] = torch.tensor(numels, dtype=torch.int64)
-    rows[:, ROW_STEP] = torch.tensor(steps, dtype=torch.int64)
+    rows = host[chunk_words:].view(n_tensors, ROW_WIDTH.value)
+    rows[:, ROW_NUMEL.value] = torch.tensor(numels, dtype=torch.int64)
+    rows[:, ROW_STEP.value] = torch.tensor(steps, dtype=torch.int64)
     for k, addrs in enumerate(arrays):
-        rows[:, ROW_ARRAYS + k] = torch.tensor(addrs, dtype=torch.int64)
+        rows[:, ROW_ARRAYS.value + k] = torch.tensor(addrs, dtype=torch.int64)
     aligned = all(a % _ALIGN_BYTES == 0 for addrs in arrays for a in addrs)
     table = host.to(device, non_blocking=True) if device.type != "cpu" else host
     return LaunchTable(
         chunks=table[:chunk_words],
-        rows=table[chunk_words:].view(n_tensors, ROW_WIDTH),
+        rows=table[chunk_words:].view(n_tensors, ROW_WIDTH.value),
         n_chunks=n_chunks,
         aligned=aligned,
         host=host,
     )
 
 
-def launch_table(arrays: list[list[Tensor]], steps: list[Tensor] | None = None) -> LaunchTable:
-    """The (cached) launch table for parallel lists of same-sized tensors.
-
-    ``arrays[0]`` decides the sizes; every list must have one tensor per entry
-    with the same number of elements. ``steps`` (optional) are the per-tensor
-    step scalars the kernel reads for bias correction.
-    """
+def _check(arrays: list[list[Tensor]], dtypes: list[torch.dtype], steps) -> None:
+    # Once per table (a miss), never on the cached path: the kernels address
+    # raw memory, so every tensor must be a dense block of its list's dtype on
+    # one device, sized like its parameter.
     first = arrays[0]
     device = first[0].device
-    numels = [t.numel() for t in first]
-    addrs = [[t.data_ptr() for t in lst] for lst in arrays]
-    step_addrs = [s.data_ptr() for s in steps] if steps is not None else [0] * len(first)
-    key = (device, tuple(numels), tuple(step_addrs), tuple(tuple(a) for a in addrs))
-    table = _tables.get(key)
-    if table is not None:
-        _tables.move_to_end(key)
-        return table
-    # Checked once per table (a miss), never on the cached path: the kernels
-    # address raw memory, so every tensor must be a dense block on this device.
-    for lst in arrays:
+    for k, (lst, dtype) in enumerate(zip(arrays, dtypes, strict=True)):
         if len(lst) != len(first):
             raise ValueError("fastopt triton backend: tensor lists must match in length")
-        for t, n in zip(lst, numels, strict=True):
-            if t.numel() != n or t.device != device or not t.is_contiguous():
+        for t, p in zip(lst, first, strict=True):
+            if t.numel() != p.numel() or t.device != device or not t.is_contiguous():
                 raise ValueError(
                     "fastopt triton backend: tensors must be contiguous, on one device and "
                     f"match their parameter's size (got {tuple(t.shape)} on {t.device})"
                 )
-    for s in steps or ():
+            if t.dtype != dtype:
+                what = "gradient" if k == GRAD.value else f"array {k}"
+                raise ValueError(
+                    f"fastopt triton backend: every {what} of one call must be {dtype} "
+                    f"(one launch per call), got {t.dtype}"
+                )
+    if steps and len(steps) != len(first):
+        raise ValueError("fastopt triton backend: one step per parameter")
+    for s in steps:
         if s.device != device or s.dtype != torch.float32 or s.numel() != 1:
             raise ValueError(
                 "fastopt triton backend: each `step` must be a float32 scalar tensor on the "
                 f"parameters' device {device} (the kernel reads it), got {s.dtype} on {s.device}"
             )
-    table = _build(device, numels, step_addrs, addrs)
+
+
+def launch_table(
+    arrays: list[list[Tensor]], dtypes: list[torch.dtype], steps: list[Tensor] | None = None
+) -> LaunchTable:
+    """The (cached) launch table for parallel lists of same-sized tensors.
+
+    ``arrays[k]`` fills slot ``k`` of every row and must hold tensors of
+    ``dtypes[k]``; ``arrays[0]`` decides the sizes. ``steps`` (optional) are the
+    per-tensor step scalars the kernel reads for bias correction.
+    """
+    first = arrays[0]
+    device = first[0].device
+    steps = steps or []
+    step_addrs = tuple(map(Tensor.data_ptr, steps)) or (0,) * len(first)
+    addrs = tuple(tuple(map(Tensor.data_ptr, lst)) for lst in arrays)
+    key = (device, tuple(dtypes), tuple(map(Tensor.numel, first)), step_addrs, addrs)
+    table = _tables.get(key)
+    if table is not None:
+        _tables.move_to_end(key)
+        return table
+    _check(arrays, dtypes, steps)
+    table = _build(device, key[2], step_addrs, addrs)
     _tables[key] = table
     if len(_tables) > _CACHE_SIZE:
         _tables.popitem(last=False)
     return table
 
 
+def update_table(
+    params: list[Tensor],
+    grads: list[Tensor],
+    master_params: list[Tensor],
+    states: list[tuple[list[Tensor], torch.dtype]],
+    steps: list[Tensor] | None = None,
+) -> LaunchTable:
+    """The launch table of an update: slots PARAM, GRAD, MASTER_PARAM, then ``states``
+    (``(tensors, dtype)`` pairs) from FIRST_STATE on. Without master weights the
+    MASTER_PARAM slot repeats the param's address; the kernel never touches it."""
+    arrays = [params, grads, master_params or params] + [lst for lst, _ in states]
+    dtypes = [params[0].dtype, grads[0].dtype, torch.float32 if master_params else params[0].dtype]
+    return launch_table(arrays, dtypes + [dtype for _, dtype in states], steps)
+
+
 _constants: dict[tuple, Tensor] = {}
 
 
 def device_scalar(value: float, device: torch.device, dtype=torch.float32) -> Tensor:
-    """A cached 0-dim tensor on ``device`` (stands in for an absent grad_scale, say)."""
+    """A cached 0-dim tensor on ``device`` (stands in for an absent grad_mul, say)."""
     key = (value, device, dtype)
     t = _constants.get(key)
     if t is None:
@@ -242,65 +307,48 @@ def device_scalar(value: float, device: torch.device, dtype=torch.float32) -> Te
     return t
 
 
-def scalar_tensor(x: Tensor | None, default: float, device: torch.device, dtype=torch.float32):
-    """``x`` as a 0-dim ``dtype`` tensor on ``device`` (a device op at most, never a sync)."""
+def scalar_tensor(x: Tensor | None, default: float, device: torch.device) -> Tensor:
+    """``x`` as a float32 0-dim tensor on ``device`` (a device op at most, never a sync)."""
     if x is None:
-        return device_scalar(default, device, dtype)
-    return x.detach().reshape(()).to(device=device, dtype=dtype, non_blocking=True)
+        return device_scalar(default, device)
+    return x.detach().reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
 
 
-def split_double(x: float) -> tuple[float, float]:
-    """``x`` as two fp32 values whose sum, formed in fp64 in the kernel, is x to ~2^-48.
+def update_args(
+    device: torch.device,
+    *,
+    lr: float,
+    lr_tensor: Tensor | None,
+    maximize: bool,
+    grad_mul: Tensor | None,
+    max_grad_value: float | None,
+    clip_coef: Tensor | None,
+    skip: Tensor | None,
+) -> dict:
+    """The kernel arguments every update launch shares, by kernel parameter name.
 
-    NOTE [double scalars through fp32 arguments]
-    Triton passes Python floats as fp32, but the reference computes the
-    per-tensor coefficients (1 - lr*wd, lr / (1 - beta1^t), sqrt(1 - beta2^t))
-    on Python doubles and rounds each once to fp32. Rounding lr or beta to fp32
-    first moves those coefficients by up to an fp32 ulp, enough to flip the
-    rounding of bf16/fp16 states and let runs drift apart by several ulps over
-    a few steps. hi + lo carries the double through; the kernel rebuilds it in
-    fp64 and rounds each coefficient once, like the reference.
+    The kernel forms lr = ``lr * *lr_ptr`` in fp64 (a float lr times 1.0, or
+    1.0 times a device-side lr_tensor) and reads the gradient transform's
+    scalars and the skip flag on the device (NOTE [gradient transform]);
+    nothing here synchronises.
     """
-    hi = struct.unpack("f", struct.pack("f", x))[0] if math.isfinite(x) else x
-    lo = x - hi if math.isfinite(x) else 0.0
-    return hi, lo
+    return dict(
+        lr=1.0 if lr_tensor is not None else float(lr),
+        lr_ptr=scalar_tensor(lr_tensor, 1.0, device),
+        grad_mul_ptr=scalar_tensor(grad_mul, 1.0, device),
+        grad_sign=-1.0 if maximize else 1.0,
+        max_grad_value=math.inf if max_grad_value is None else float(max_grad_value),
+        clip_coef_ptr=scalar_tensor(clip_coef, 1.0, device),
+        skip_ptr=scalar_tensor(skip, 0.0, device),
+    )
 
 
-def update_scalars(
-    device: torch.device, lr: float | Tensor, grad_scale: Tensor | None, found_inf: Tensor | None
-) -> tuple[tuple[float, float, Tensor], Tensor, Tensor]:
-    """The scalar launch arguments every update kernel takes, built without a sync.
-
-    Returns ``((lr_hi, lr_lo, lr_ptr), grad_mul, found)``: the kernel forms
-    lr = (lr_hi + lr_lo) * *lr_ptr in fp64, so a Python lr travels split in two
-    (NOTE [double scalars through fp32 arguments]) with lr_ptr -> 1.0, and a
-    tensor lr travels as 1.0 + 0.0 times its fp64 value read on the device.
-    """
-    if isinstance(lr, Tensor):
-        lr_args = (1.0, 0.0, scalar_tensor(lr, 1.0, device, torch.float64))
-    else:
-        lr_args = (*split_double(float(lr)), device_scalar(1.0, device, torch.float64))
-    grad_mul = scalar_tensor(grad_scale, 1.0, device)
-    found = scalar_tensor(found_inf, 0.0, device)
-    return lr_args, grad_mul, found
-
-
-def by_grad_dtype(grads: list[Tensor]) -> Iterator[tuple[torch.dtype, Callable[[list], list]]]:
-    """One ``(grad dtype, pick)`` per gradient dtype present, in first-seen order.
-
-    ``pick(lst)`` selects that group's entries from any list parallel to
-    ``grads`` (the list itself when every gradient shares the dtype, so the
-    usual single-dtype group keeps its identity and builds no new lists).
-    """
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, g in enumerate(grads):
-        groups.setdefault(g.dtype, []).append(i)
-    for g_dtype, idx in groups.items():
-
-        def pick(lst: list, idx: list[int] = idx) -> list:
-            return lst if len(idx) == len(lst) else [lst[i] for i in idx]
-
-        yield g_dtype, pick
+def launch(kernel, table: LaunchTable, **args) -> None:
+    """One launch of ``kernel`` over ``table``: one program per chunk (none if empty)."""
+    if table.n_chunks:
+        kernel[(table.n_chunks,)](
+            table.chunks, table.rows, **args, ALIGNED=table.aligned, **LAUNCH_OPTIONS
+        )
 
 
 def clear_cache() -> None:

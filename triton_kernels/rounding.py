@@ -15,17 +15,15 @@ The integer work is a handful of ALU ops per element in a memory-bound kernel.
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 
+from fastopt.triton_kernels.interpreter import device_fn
 
-@triton.jit
+
+@device_fn
 def narrow(x, DTYPE: tl.constexpr):
-    """fp32 ``x`` in storage dtype DTYPE, rounded to nearest even (see NOTE above).
-
-    One function with the code inline, not one per dtype: every nested jit
-    call costs the interpreter milliseconds, and this runs once per store.
-    """
+    """fp32 ``x`` in storage dtype DTYPE (fp32: ``x`` itself), rounded to nearest even
+    (see NOTE above)."""
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         is_nan = (bits & 0x7FFFFFFF) > 0x7F800000

@@ -1,30 +1,34 @@
-// CPU compute kernels: loops over the packed arguments the host code in
-// csrc/cpu/ops_cpu.cpp prepared. Nothing here checks or allocates; it only
-// computes (the checks are the host's job).
+// CPU kernels: one loop over the chunk plan's segments (NOTE [multi-tensor
+// chunking]) with one vector loop inside that calls the per-element function
+// of fastopt/update_math.h. The op entries in csrc/cpu/ops_cpu.cpp check the
+// arguments and fill the params struct each kernel reads; nothing here checks
+// or allocates.
 //
 // NOTE [CPU SIMD through function multiversioning]
 // The per-element math is the scalar code of fastopt/update_math.h, shared
 // with the CUDA kernels. Here it is inlined into plain counted loops over
 // restrict pointers marked `omp simd`, which GCC vectorizes, scalar tail
-// included. Every kernel entry point is built three times by
-// `target_clones` (AVX-512F, AVX2, baseline x86-64) and the dynamic loader
-// picks the best one for the running CPU once, so the extension uses zmm
-// registers on an AVX-512 machine without being built with -march=native
-// (and still runs on an older one). Everything the loops call must be
-// inlined into the clone to be compiled for its ISA: the header functions are
-// always_inline, and so are the segment lambdas below. The clones are
-// selected per ISA feature only (not `arch=`), because GCC refuses to inline
-// across different `arch=` settings.
+// included. Every kernel is built three times by `target_clones` and the
+// dynamic loader picks the best one for the running CPU once, so the extension
+// uses zmm registers on an AVX-512 machine without being built with
+// -march=native (and still runs on an older one). The clones are whole
+// micro-architecture levels, x86-64-v4 (AVX-512) and x86-64-v3 (AVX2), because
+// those are the levels that include FMA: the explicit fmas of update_math.h
+// (NOTE [one formula per quantity]) must be instructions, and GCC's "avx512f"
+// and "avx2" feature targets do not enable FMA. The baseline clone computes
+// the same bits through libm's fmaf, slowly. GCC inlines only always_inline
+// functions into a clone of another `arch=`, so everything a loop calls is
+// either a builtin or our own always_inline code: the header functions, and
+// the storage conversions below (which is also why bf16/fp16 are our own
+// structs here, not c10's types, whose members are not always_inline).
 //
 // Build flags this relies on (setup.py): -fno-trapping-math, without which
 // GCC turns the selects of the 16-bit conversions below into masked
-// floating-point operations that the AVX-512F clone cannot vectorize (the
-// fp32 loops vectorize either way); -fopenmp for `omp simd` (and for the
-// parallel region, see ops_cpu.cpp).
+// floating-point operations that it cannot vectorize; -fno-math-errno, so
+// sqrtf is an instruction; -ffp-contract=off (NOTE [one formula per
+// quantity]); -fopenmp for `omp simd` and the parallel region (ops_cpu.cpp).
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <fastopt/update_math.h>
 
 #include <cstdint>
@@ -35,7 +39,8 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
     !defined(FASTOPT_NO_CLONES)
-#define FASTOPT_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define FASTOPT_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FASTOPT_CPU_CLONES
 #endif
@@ -50,17 +55,24 @@
 
 namespace fastopt::cpu {
 
-// ---- storage conversions for the vector loops -------------------------------
+// ---- storage types and conversions -------------------------------------------
+
+// bf16 and fp16 storage as their bits: the layout of c10::BFloat16 / c10::Half.
+struct bf16 {
+  uint16_t bits;
+};
+struct fp16 {
+  uint16_t bits;
+};
 
 // NOTE [vectorizable narrowing]
-// The c10::BFloat16 / c10::Half conversions that update_math.h's to_f32 /
-// from_f32 use are correct (round to nearest even, NaN stays NaN) but GCC does
-// not vectorize loops containing them (it reports control flow), so the CPU
-// loops load and store through these equivalents written as straight-line
-// integer arithmetic with selects. Same results bit for bit as c10's,
-// including NaN -> the canonical quiet NaN; tests/test_cpu_kernels.py checks
-// them against torch's own conversions on halfway cases, subnormals,
-// overflow, infinities and NaN.
+// c10's BFloat16 / Half conversions are correct (round to nearest even, NaN
+// stays NaN) but GCC does not vectorize loops containing them (it reports
+// control flow), so the loops load and store through these equivalents
+// written as straight-line integer arithmetic with selects. Same results bit
+// for bit as c10's, including NaN -> the canonical quiet NaN;
+// tests/test_cpu_kernels.py checks them against torch's own conversions on
+// halfway cases, subnormals, overflow, infinities and NaN.
 // memcpy, not std::bit_cast: GCC 12 cannot vectorize the VIEW_CONVERT_EXPR
 // that bit_cast becomes, while a memcpy folds into a plain reinterpretation.
 FASTOPT_ALWAYS_INLINE uint32_t f32_bits(float x) {
@@ -75,9 +87,9 @@ FASTOPT_ALWAYS_INLINE float f32_from(uint32_t u) {
 }
 
 FASTOPT_ALWAYS_INLINE float load_f32(float x) { return x; }
-FASTOPT_ALWAYS_INLINE float load_f32(c10::BFloat16 x) { return f32_from(uint32_t{x.x} << 16); }
-FASTOPT_ALWAYS_INLINE float load_f32(c10::Half x) {
-  const uint32_t h = x.x;
+FASTOPT_ALWAYS_INLINE float load_f32(bf16 x) { return f32_from(uint32_t{x.bits} << 16); }
+FASTOPT_ALWAYS_INLINE float load_f32(fp16 x) {
+  const uint32_t h = x.bits;
   const uint32_t sign = (h & 0x8000u) << 16;
   const uint32_t em = h & 0x7FFFu;  // exponent and mantissa
   // Finite values (normal and subnormal): place the bits into a float and
@@ -96,16 +108,15 @@ FASTOPT_ALWAYS_INLINE float store_f32<float>(float x) {
 }
 
 template <>
-FASTOPT_ALWAYS_INLINE c10::BFloat16 store_f32<c10::BFloat16>(float x) {
+FASTOPT_ALWAYS_INLINE bf16 store_f32<bf16>(float x) {
   const uint32_t u = f32_bits(x);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
   const bool is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-  return c10::BFloat16(static_cast<uint16_t>(is_nan ? 0x7FC0u : rounded),
-                       c10::BFloat16::from_bits());
+  return bf16{static_cast<uint16_t>(is_nan ? 0x7FC0u : rounded)};
 }
 
 template <>
-FASTOPT_ALWAYS_INLINE c10::Half store_f32<c10::Half>(float x) {
+FASTOPT_ALWAYS_INLINE fp16 store_f32<fp16>(float x) {
   const uint32_t u = f32_bits(x);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7FFFFFFFu;
@@ -117,13 +128,19 @@ FASTOPT_ALWAYS_INLINE c10::Half store_f32<c10::Half>(float x) {
   // Normal: rebias the exponent and round the 13 dropped bits to nearest even.
   const uint32_t normal = (a + 0xC8000FFFu + ((a >> 13) & 1u)) >> 13;
   const uint32_t h = a >= 0x477FF000u ? big : (a < 0x38800000u ? small : normal);
-  return c10::Half(static_cast<uint16_t>(sign | h), c10::Half::from_bits());
+  return fp16{static_cast<uint16_t>(sign | h)};
 }
 
-// ---- packed arguments ------------------------------------------------------
+// Storage of the moments: fp32 under master weights, else the params' type.
+template <typename P, bool MASTER>
+using state_t = std::conditional_t<MASTER, float, P>;
 
-// One tensor of an AdamW call. Typed pointers are recovered in the kernel from
-// its template parameters; pointers of absent states are null.
+// ---- params structs (filled by the op entries) ----------------------------------
+//
+// Per tensor: its addresses (typed in the kernel from its template
+// parameters; absent states are null) and, for AdamW and AdEMAMix, the
+// coefficients of its step.
+
 struct AdamWTensor {
   void* param;
   const void* grad;
@@ -134,6 +151,12 @@ struct AdamWTensor {
   AdamWCoeffs coeffs;
 };
 
+struct AdamWParams {
+  const AdamWTensor* tensors;
+  ChunkView chunks;
+  GradTransform transform;
+};
+
 struct LionTensor {
   void* param;
   const void* grad;
@@ -141,164 +164,211 @@ struct LionTensor {
   float* master_param;
 };
 
-// What every kernel launch shares: the per-tensor sizes and the chunk plan
-// (NOTE [multi-tensor chunking]) and the gradient multiplier.
-struct Launch {
-  const int64_t* numels;
-  const Chunk* chunks;
-  float grad_mul;  // grad_scale, or 1
+struct LionParams {
+  const LionTensor* tensors;
+  ChunkView chunks;
+  GradTransform transform;
+  LionCoeffs coeffs;
 };
 
-enum class DType : int32_t { kFloat = 0, kBFloat16 = 1, kHalf = 2, kDouble = 3 };
+struct AdEMAMixTensor {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_slow;
+  void* exp_avg_sq;
+  float* master_param;
+  AdEMAMixCoeffs coeffs;
+};
 
-// ---- AdamW -----------------------------------------------------------------
+struct AdEMAMixParams {
+  const AdEMAMixTensor* tensors;
+  ChunkView chunks;
+  GradTransform transform;
+};
 
-// Storage dtype of the moments: fp32 under master weights, else the params'.
-template <typename P, bool MASTER>
-using state_t = std::conditional_t<MASTER, float, P>;
+enum class DType : int32_t { kFloat, kBFloat16, kHalf, kDouble };
 
-template <typename P, bool MASTER, bool AMSGRAD, bool MAXIMIZE>
-FASTOPT_ALWAYS_INLINE void adamw_span(const AdamWTensor& t, int64_t begin, int64_t end,
-                                      float grad_mul) {
+struct SumsqParams {
+  const void* const* grads;
+  const DType* dtypes;
+  ChunkView chunks;
+  float grad_mul;         // 1 if none
+  double max_grad_value;  // +inf when off; rounded to fp32 for fp32/bf16/fp16 grads
+  double* partials;       // one per chunk
+};
+
+// ---- update kernels ----------------------------------------------------------------
+//
+// Each runs chunks [chunk_begin, chunk_end) of one call. P: params' storage,
+// G: grads' storage (P, or float for bf16/fp16 params), MASTER: fp32 master
+// weights (then the moments are fp32 too).
+
+template <typename P, typename G, bool MASTER, bool AMSGRAD>
+FASTOPT_CPU_CLONES void adamw_kernel(const AdamWParams& a, int64_t chunk_begin,
+                                     int64_t chunk_end) {
   using S = state_t<P, MASTER>;
-  P* __restrict__ param = static_cast<P*>(t.param);
-  const P* __restrict__ grad = static_cast<const P*>(t.grad);
-  S* __restrict__ exp_avg = static_cast<S*>(t.exp_avg);
-  S* __restrict__ exp_avg_sq = static_cast<S*>(t.exp_avg_sq);
-  S* __restrict__ max_exp_avg_sq = static_cast<S*>(t.max_exp_avg_sq);
-  float* __restrict__ master = t.master_param;
-  const AdamWCoeffs c = t.coeffs;
-  FASTOPT_SIMD_LOOP
-  for (int64_t k = begin; k < end; ++k) {
-    float p = MASTER ? master[k] : load_f32(param[k]);
-    float m = load_f32(exp_avg[k]);
-    float v = load_f32(exp_avg_sq[k]);
-    float vmax = AMSGRAD ? load_f32(max_exp_avg_sq[k]) : 0.0f;
-    adamw_element<AMSGRAD, MAXIMIZE>(p, load_f32(grad[k]), m, v, vmax, grad_mul, c);
-    if (MASTER) master[k] = p;
-    param[k] = store_f32<P>(p);
-    exp_avg[k] = store_f32<S>(m);
-    exp_avg_sq[k] = store_f32<S>(v);
-    if (AMSGRAD) max_exp_avg_sq[k] = store_f32<S>(vmax);
+  const GradTransform x = a.transform;
+  const int64_t last = a.chunks.first_segment[chunk_end];
+  for (int64_t s = a.chunks.first_segment[chunk_begin]; s < last; ++s) {
+    const Segment seg = a.chunks.segments[s];
+    const AdamWTensor& t = a.tensors[seg.tensor];
+    P* __restrict__ param = static_cast<P*>(t.param);
+    const G* __restrict__ grad = static_cast<const G*>(t.grad);
+    S* __restrict__ exp_avg = static_cast<S*>(t.exp_avg);
+    S* __restrict__ exp_avg_sq = static_cast<S*>(t.exp_avg_sq);
+    S* __restrict__ max_exp_avg_sq = static_cast<S*>(t.max_exp_avg_sq);
+    float* __restrict__ master = t.master_param;
+    const AdamWCoeffs c = t.coeffs;
+    FASTOPT_SIMD_LOOP
+    for (int64_t k = seg.begin; k < seg.end; ++k) {
+      float p = MASTER ? master[k] : load_f32(param[k]);
+      float m = load_f32(exp_avg[k]);
+      float v = load_f32(exp_avg_sq[k]);
+      float vmax = AMSGRAD ? load_f32(max_exp_avg_sq[k]) : 0.0f;
+      adamw_element<AMSGRAD>(p, transform_grad(load_f32(grad[k]), x), m, v, vmax, c);
+      if (MASTER) master[k] = p;
+      param[k] = store_f32<P>(p);
+      exp_avg[k] = store_f32<S>(m);
+      exp_avg_sq[k] = store_f32<S>(v);
+      if (AMSGRAD) max_exp_avg_sq[k] = store_f32<S>(vmax);
+    }
   }
 }
 
-// Runs chunks [chunk_begin, chunk_end) of an AdamW launch.
-template <typename P, bool MASTER, bool AMSGRAD, bool MAXIMIZE>
-FASTOPT_CPU_CLONES void adamw_chunks(const AdamWTensor* tensors, const Launch& launch,
-                                     int64_t chunk_begin, int64_t chunk_end) {
-  const float grad_mul = launch.grad_mul;
-  for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
-    for_each_segment(launch.chunks[ci], launch.numels,
-                     [&](int64_t i, int64_t b, int64_t e) __attribute__((always_inline)) {
-                       adamw_span<P, MASTER, AMSGRAD, MAXIMIZE>(tensors[i], b, e, grad_mul);
-                     });
-  }
-}
-
-// ---- Lion ------------------------------------------------------------------
-
-template <typename P, bool MASTER, bool MAXIMIZE>
-FASTOPT_ALWAYS_INLINE void lion_span(const LionTensor& t, int64_t begin, int64_t end,
-                                     float grad_mul, const LionCoeffs& c) {
+template <typename P, typename G, bool MASTER>
+FASTOPT_CPU_CLONES void lion_kernel(const LionParams& a, int64_t chunk_begin, int64_t chunk_end) {
   using S = state_t<P, MASTER>;
-  P* __restrict__ param = static_cast<P*>(t.param);
-  const P* __restrict__ grad = static_cast<const P*>(t.grad);
-  S* __restrict__ exp_avg = static_cast<S*>(t.exp_avg);
-  float* __restrict__ master = t.master_param;
-  FASTOPT_SIMD_LOOP
-  for (int64_t k = begin; k < end; ++k) {
-    float p = MASTER ? master[k] : load_f32(param[k]);
-    float m = load_f32(exp_avg[k]);
-    lion_element<MAXIMIZE>(p, load_f32(grad[k]), m, grad_mul, c);
-    if (MASTER) master[k] = p;
-    param[k] = store_f32<P>(p);
-    exp_avg[k] = store_f32<S>(m);
+  const GradTransform x = a.transform;
+  const LionCoeffs c = a.coeffs;
+  const int64_t last = a.chunks.first_segment[chunk_end];
+  for (int64_t s = a.chunks.first_segment[chunk_begin]; s < last; ++s) {
+    const Segment seg = a.chunks.segments[s];
+    const LionTensor& t = a.tensors[seg.tensor];
+    P* __restrict__ param = static_cast<P*>(t.param);
+    const G* __restrict__ grad = static_cast<const G*>(t.grad);
+    S* __restrict__ exp_avg = static_cast<S*>(t.exp_avg);
+    float* __restrict__ master = t.master_param;
+    FASTOPT_SIMD_LOOP
+    for (int64_t k = seg.begin; k < seg.end; ++k) {
+      float p = MASTER ? master[k] : load_f32(param[k]);
+      float m = load_f32(exp_avg[k]);
+      lion_element(p, transform_grad(load_f32(grad[k]), x), m, c);
+      if (MASTER) master[k] = p;
+      param[k] = store_f32<P>(p);
+      exp_avg[k] = store_f32<S>(m);
+    }
   }
 }
 
-template <typename P, bool MASTER, bool MAXIMIZE>
-FASTOPT_CPU_CLONES void lion_chunks(const LionTensor* tensors, const LionCoeffs& coeffs,
-                                    const Launch& launch, int64_t chunk_begin,
-                                    int64_t chunk_end) {
-  const float grad_mul = launch.grad_mul;
-  const LionCoeffs c = coeffs;
-  for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
-    for_each_segment(launch.chunks[ci], launch.numels,
-                     [&](int64_t i, int64_t b, int64_t e) __attribute__((always_inline)) {
-                       lion_span<P, MASTER, MAXIMIZE>(tensors[i], b, e, grad_mul, c);
-                     });
+template <typename P, typename G, bool MASTER>
+FASTOPT_CPU_CLONES void ademamix_kernel(const AdEMAMixParams& a, int64_t chunk_begin,
+                                        int64_t chunk_end) {
+  using S = state_t<P, MASTER>;
+  const GradTransform x = a.transform;
+  const int64_t last = a.chunks.first_segment[chunk_end];
+  for (int64_t s = a.chunks.first_segment[chunk_begin]; s < last; ++s) {
+    const Segment seg = a.chunks.segments[s];
+    const AdEMAMixTensor& t = a.tensors[seg.tensor];
+    P* __restrict__ param = static_cast<P*>(t.param);
+    const G* __restrict__ grad = static_cast<const G*>(t.grad);
+    S* __restrict__ exp_avg = static_cast<S*>(t.exp_avg);
+    S* __restrict__ exp_avg_slow = static_cast<S*>(t.exp_avg_slow);
+    S* __restrict__ exp_avg_sq = static_cast<S*>(t.exp_avg_sq);
+    float* __restrict__ master = t.master_param;
+    const AdEMAMixCoeffs c = t.coeffs;
+    FASTOPT_SIMD_LOOP
+    for (int64_t k = seg.begin; k < seg.end; ++k) {
+      float p = MASTER ? master[k] : load_f32(param[k]);
+      float m1 = load_f32(exp_avg[k]);
+      float m2 = load_f32(exp_avg_slow[k]);
+      float v = load_f32(exp_avg_sq[k]);
+      ademamix_element(p, transform_grad(load_f32(grad[k]), x), m1, m2, v, c);
+      if (MASTER) master[k] = p;
+      param[k] = store_f32<P>(p);
+      exp_avg[k] = store_f32<S>(m1);
+      exp_avg_slow[k] = store_f32<S>(m2);
+      exp_avg_sq[k] = store_f32<S>(v);
+    }
   }
 }
 
-// ---- sum of squares ----------------------------------------------------------
+// ---- sum of squares ---------------------------------------------------------------
 
 // NOTE [sum of squares in double]
-// Each element is squared and accumulated in double: the square of an fp32
-// value is exact in double, and a chunk's 32K terms are spread over
-// kSumLanes independent accumulators (which is also what lets the loop
-// vectorize without -ffast-math reassociation). Lanes are added in a fixed
-// order per chunk and the chunk partials in chunk order by the host, so the
-// result is deterministic and 10^8 elements lose no meaningful precision.
+// Each element goes through the first two steps of the gradient transform
+// (g * grad_mul, clamped: NOTE [gradient transform]) in its own precision, is
+// widened to double and squared there: the square of an fp32 value is exact
+// in double. A chunk's 32K terms are spread over kSumLanes independent
+// accumulators (which is also what lets the loop vectorize without
+// -ffast-math reassociation). Lanes are added in a fixed order per chunk and
+// the chunk partials in chunk order by the host, so the result is
+// deterministic and 10^8 elements lose no meaningful precision.
 constexpr int kSumLanes = 16;
 
+// The transformed value of one element: fp32 math for fp32/bf16/fp16, as the
+// update kernels; fp64 gradients in double (as the reference computes them).
+FASTOPT_ALWAYS_INLINE double sumsq_term(double g, double mul, double c) {
+  g = g * mul;
+  return g > c ? c : (g < -c ? -c : g);
+}
 template <typename T>
-FASTOPT_ALWAYS_INLINE void sumsq_span(const T* __restrict__ x, int64_t begin, int64_t end,
-                                      double* __restrict__ lanes) {
+FASTOPT_ALWAYS_INLINE double sumsq_term(T g, float mul, float c) {
+  const GradTransform x{mul, c, 1.0f};
+  return static_cast<double>(transform_grad(load_f32(g), x));
+}
+
+template <typename T>
+FASTOPT_ALWAYS_INLINE void sumsq_segment(const T* __restrict__ x, int64_t begin, int64_t end,
+                                         float mul, double c, double* __restrict__ lanes) {
+  using M = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const M m = mul;
+  const M cc = static_cast<M>(c);
   int64_t k = begin;
   for (; k + kSumLanes <= end; k += kSumLanes) {
     FASTOPT_SIMD_LOOP
     for (int j = 0; j < kSumLanes; ++j) {
-      const double e = static_cast<double>(load_f32(x[k + j]));
+      const double e = sumsq_term(x[k + j], m, cc);
       lanes[j] += e * e;
     }
   }
   for (int j = 0; k < end; ++k, ++j) {
-    const double e = static_cast<double>(load_f32(x[k]));
+    const double e = sumsq_term(x[k], m, cc);
     lanes[j] += e * e;
   }
 }
 
-// fp64 gradients are squared in double as they are (not through fp32).
-template <>
-FASTOPT_ALWAYS_INLINE void sumsq_span<double>(const double* __restrict__ x, int64_t begin,
-                                              int64_t end, double* __restrict__ lanes) {
-  int64_t k = begin;
-  for (; k + kSumLanes <= end; k += kSumLanes) {
-    FASTOPT_SIMD_LOOP
-    for (int j = 0; j < kSumLanes; ++j) lanes[j] += x[k + j] * x[k + j];
-  }
-  for (int j = 0; k < end; ++k, ++j) lanes[j] += x[k] * x[k];
-}
-
 // Writes the sum of squares of chunk ci into partials[ci] for every chunk of
-// [chunk_begin, chunk_end).
-FASTOPT_CPU_CLONES inline void sumsq_chunks(const void* const* data, const DType* dtypes,
-                                            const Launch& launch, int64_t chunk_begin,
-                                            int64_t chunk_end, double* partials) {
+// [chunk_begin, chunk_end). Grads of different dtypes may share one call.
+FASTOPT_CPU_CLONES inline void grad_sumsq_kernel(const SumsqParams& a, int64_t chunk_begin,
+                                                 int64_t chunk_end) {
   for (int64_t ci = chunk_begin; ci < chunk_end; ++ci) {
     double lanes[kSumLanes] = {};
-    for_each_segment(
-        launch.chunks[ci], launch.numels,
-        [&](int64_t i, int64_t b, int64_t e) __attribute__((always_inline)) {
-          switch (dtypes[i]) {
-            case DType::kFloat:
-              sumsq_span(static_cast<const float*>(data[i]), b, e, lanes);
-              break;
-            case DType::kBFloat16:
-              sumsq_span(static_cast<const c10::BFloat16*>(data[i]), b, e, lanes);
-              break;
-            case DType::kHalf:
-              sumsq_span(static_cast<const c10::Half*>(data[i]), b, e, lanes);
-              break;
-            case DType::kDouble:
-              sumsq_span(static_cast<const double*>(data[i]), b, e, lanes);
-              break;
-          }
-        });
+    for (int64_t s = a.chunks.first_segment[ci]; s < a.chunks.first_segment[ci + 1]; ++s) {
+      const Segment seg = a.chunks.segments[s];
+      const void* g = a.grads[seg.tensor];
+      switch (a.dtypes[seg.tensor]) {
+        case DType::kFloat:
+          sumsq_segment(static_cast<const float*>(g), seg.begin, seg.end, a.grad_mul,
+                        a.max_grad_value, lanes);
+          break;
+        case DType::kBFloat16:
+          sumsq_segment(static_cast<const bf16*>(g), seg.begin, seg.end, a.grad_mul,
+                        a.max_grad_value, lanes);
+          break;
+        case DType::kHalf:
+          sumsq_segment(static_cast<const fp16*>(g), seg.begin, seg.end, a.grad_mul,
+                        a.max_grad_value, lanes);
+          break;
+        case DType::kDouble:
+          sumsq_segment(static_cast<const double*>(g), seg.begin, seg.end, a.grad_mul,
+                        a.max_grad_value, lanes);
+          break;
+      }
+    }
     double total = 0.0;
     for (int j = 0; j < kSumLanes; ++j) total += lanes[j];
-    partials[ci] = total;
+    a.partials[ci] = total;
   }
 }
 

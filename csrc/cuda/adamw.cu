@@ -1,28 +1,11 @@
-// AdamW over many tensors in a few launches (see NOTE [multi-tensor chunking]).
-// The arithmetic is fastopt::adamw_element from the shared header; this file
-// only moves bytes to and from it.
-#include <type_traits>
-
-#include "cuda/dispatch.cuh"
+// AdamW over many tensors in a few launches (NOTE [multi-tensor chunking]):
+// the kernel moves bytes to and from fastopt::adamw_element (update_math.h).
 #include "cuda/launch.h"
-#include "cuda/multi_tensor_apply.cuh"
-#include "fastopt/update_math.h"
+#include "cuda/update.cuh"
 
 namespace fastopt {
 namespace cuda {
 namespace {
-
-struct AdamWArgs {
-  double lr;
-  double beta1;
-  double beta2;
-  double eps;
-  double weight_decay;
-  const float* lr_ptr;      // overrides lr when non-null
-  const float* grad_scale;  // null: 1
-  const float* found_inf;   // null: never skip
-  bool maximize;
-};
 
 // List order in the table: p, g, m, v, [vmax], [master], step.
 template <bool MASTER, bool AMSGRAD>
@@ -33,22 +16,26 @@ struct AdamWLayout {
   static constexpr int kDepth = kStep + 1;
 };
 
-// P: storage of params and grads. States are fp32 with master weights,
-// otherwise P (see the conventions in csrc/ops.cpp).
-template <typename P, bool MASTER, bool AMSGRAD>
-struct AdamWChunk {
-  using S = std::conditional_t<MASTER, float, P>;
-  P* p;
-  const P* g;
-  S* m;
-  S* v;
-  S* vmax;
-  float* master;
-  float grad_mul;
-  AdamWCoeffs coeffs;
+// P: params' storage; G: grads' (P, or float); MASTER: fp32 master weights
+// and fp32 moments, else moments in P.
+template <typename P, typename G, bool MASTER, bool AMSGRAD>
+__global__ void __launch_bounds__(kBlockThreads)
+    adamw_kernel(const __grid_constant__ TensorTable<AdamWLayout<MASTER, AMSGRAD>::kDepth> table,
+                 const __grid_constant__ AdamWParams params) {
+  using L = AdamWLayout<MASTER, AMSGRAD>;
+  using S = state_t<P, MASTER>;
+  const auto b = begin_update<L::kStep>(table, params, [&](double lr, double step) {
+    return adamw_coeffs(lr, params.beta1, params.beta2, params.eps, params.weight_decay, step);
+  });
+  if (b.skip) return;
+  P* p = chunk_ptr<P>(table, 0, b.chunk);
+  const G* g = chunk_ptr<const G>(table, 1, b.chunk);
+  S* m = chunk_ptr<S>(table, 2, b.chunk);
+  S* v = chunk_ptr<S>(table, 3, b.chunk);
+  S* vmax = AMSGRAD ? chunk_ptr<S>(table, L::kVmax, b.chunk) : nullptr;
+  float* master = MASTER ? chunk_ptr<float>(table, L::kMaster, b.chunk) : nullptr;
 
-  template <int N, bool VECTOR>
-  __device__ __forceinline__ void run(int off) {
+  auto body = [&]<int N, bool VECTOR>(int off) {
     float w[N], gr[N], mo[N], ve[N], vm[N];
     if constexpr (MASTER) {
       load_n<N, VECTOR>(master + off, w);
@@ -61,91 +48,24 @@ struct AdamWChunk {
     if constexpr (AMSGRAD) load_n<N, VECTOR>(vmax + off, vm);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      // NOTE [maximize as a sign]: maximize is folded into grad_mul's sign on
-      // the host side of this kernel (g * -s == -(g * s) exactly in IEEE
-      // arithmetic), so MAXIMIZE=false here and the kernel count halves.
-      adamw_element<AMSGRAD, false>(w[j], gr[j], mo[j], ve[j], vm[j], grad_mul, coeffs);
+      adamw_element<AMSGRAD>(w[j], transform_grad(gr[j], b.transform), mo[j], ve[j], vm[j],
+                             b.coeffs);
     }
     store_n<N, VECTOR>(p + off, w);
     if constexpr (MASTER) store_n<N, VECTOR>(master + off, w);
     store_n<N, VECTOR>(m + off, mo);
     store_n<N, VECTOR>(v + off, ve);
     if constexpr (AMSGRAD) store_n<N, VECTOR>(vmax + off, vm);
-  }
-};
-
-template <typename P, bool MASTER, bool AMSGRAD>
-__global__ void __launch_bounds__(kBlockThreads)
-    adamw_kernel(const __grid_constant__ TensorTable<AdamWLayout<MASTER, AMSGRAD>::kDepth> table,
-                 const __grid_constant__ AdamWArgs args) {
-  using L = AdamWLayout<MASTER, AMSGRAD>;
-  using Chunk = AdamWChunk<P, MASTER, AMSGRAD>;
-  using S = typename Chunk::S;
-  if (args.found_inf != nullptr && *args.found_inf != 0.0f) return;
-
-  const ChunkRef c = locate_chunk(table);
-  const int t = c.tensor;
-  Chunk chunk;
-  // Coefficients once per block, from device-resident step and lr, in double
-  // as the header (and the reference) do. Computed before the chunk's
-  // addresses are formed: pow() is a real call, and values live across it
-  // would have to be saved to the stack (the build test checks there is none).
-  const double step = static_cast<double>(*static_cast<const float*>(table.ptrs[L::kStep][t]));
-  const double lr = args.lr_ptr != nullptr ? static_cast<double>(*args.lr_ptr) : args.lr;
-  chunk.coeffs = adamw_coeffs(lr, args.beta1, args.beta2, args.eps, args.weight_decay, step);
-  const float scale = args.grad_scale != nullptr ? *args.grad_scale : 1.0f;
-  chunk.grad_mul = args.maximize ? -scale : scale;
-
-  chunk.p = static_cast<P*>(table.ptrs[0][t]) + c.begin;
-  chunk.g = static_cast<const P*>(table.ptrs[1][t]) + c.begin;
-  chunk.m = static_cast<S*>(table.ptrs[2][t]) + c.begin;
-  chunk.v = static_cast<S*>(table.ptrs[3][t]) + c.begin;
-  chunk.vmax = AMSGRAD ? static_cast<S*>(table.ptrs[L::kVmax][t]) + c.begin : nullptr;
-  chunk.master = MASTER ? static_cast<float*>(table.ptrs[L::kMaster][t]) + c.begin : nullptr;
-
-  bool aligned = aligned16(chunk.p) && aligned16(chunk.g) && aligned16(chunk.m) &&
-                 aligned16(chunk.v);
-  if (AMSGRAD) aligned = aligned && aligned16(chunk.vmax);
-  if (MASTER) aligned = aligned && aligned16(chunk.master);
-  // NOTE [128-bit access]: the narrowest list (P) fills one 16-byte word.
-  constexpr int kVec = 16 / sizeof(P);
-  for_each_in_chunk<kVec>(c.len, aligned, chunk);
-}
-
-template <typename P, bool MASTER, bool AMSGRAD>
-cudaError_t run(const RawLists& l, const AdamWArgs& args, cudaStream_t stream) {
-  using L = AdamWLayout<MASTER, AMSGRAD>;
-  using Table = TensorTable<L::kDepth>;
-  static_assert(sizeof(Table) + sizeof(AdamWArgs) <= kParamBytes, "kernel parameters overflow");
-  return launch_lists<L::kDepth>(l, [&](const Table& table, unsigned blocks, int64_t) {
-    adamw_kernel<P, MASTER, AMSGRAD><<<blocks, kBlockThreads, 0, stream>>>(table, args);
-  });
-}
-
-template <typename P>
-cudaError_t run_modes(const RawLists& l, const AdamWCall& call, const AdamWArgs& args,
-                      cudaStream_t stream) {
-  if constexpr (std::is_same_v<P, float>) {
-    // fp32 params never carry master weights (the op entry checks).
-    return call.amsgrad ? run<P, false, true>(l, args, stream)
-                        : run<P, false, false>(l, args, stream);
-  } else {
-    if (call.master) {
-      return call.amsgrad ? run<P, true, true>(l, args, stream)
-                          : run<P, true, false>(l, args, stream);
-    }
-    return call.amsgrad ? run<P, false, true>(l, args, stream)
-                        : run<P, false, false>(l, args, stream);
-  }
+  };
+  for_each_in_chunk<kVecElems<P>>(b.chunk.len, all_aligned16(p, g, m, v, vmax, master), body);
 }
 
 }  // namespace
 
-cudaError_t launch_adamw(const RawLists& lists, const AdamWCall& call, cudaStream_t stream) {
-  AdamWArgs args = update_args<AdamWArgs>(call);
-  args.eps = call.eps;
-  return dispatch_storage(call.param, [&](auto tag) {
-    return run_modes<typename decltype(tag)::type>(lists, call, args, stream);
+cudaError_t launch_adamw(const RawLists& lists, const AdamWParams& params, cudaStream_t stream) {
+  return dispatch_update(params, [&]<typename P, typename G, bool MASTER>() {
+    return params.amsgrad ? launch_update(&adamw_kernel<P, G, MASTER, true>, lists, params, stream)
+                          : launch_update(&adamw_kernel<P, G, MASTER, false>, lists, params, stream);
   });
 }
 

@@ -159,17 +159,16 @@ int64_t pack_and_launch(int64_t ntensors, PtrFn ptr, NumelFn numel, Launch launc
 
 #if defined(__CUDACC__)
 
-}  // namespace cuda
-}  // namespace fastopt
-
-#include "fastopt/update_math.h"
-
-namespace fastopt {
-namespace cuda {
-
 template <int DEPTH>
 __device__ __forceinline__ ChunkRef locate_chunk(const TensorTable<DEPTH>& table) {
   return locate_chunk_at(table, static_cast<int>(blockIdx.x));
+}
+
+// The address of the block's chunk in list `list` of the table.
+template <typename T, int DEPTH>
+__device__ __forceinline__ T* chunk_ptr(const TensorTable<DEPTH>& table, int list,
+                                        const ChunkRef& c) {
+  return static_cast<T*>(table.ptrs[list][c.tensor]) + c.begin;
 }
 
 // ---- vectorised access -----------------------------------------------------
@@ -188,9 +187,18 @@ __device__ __forceinline__ bool aligned16(const T* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
 
-// Loads N elements of T starting at p (16-byte aligned when VECTOR) into fp32.
-template <int N, bool VECTOR, typename T>
-__device__ __forceinline__ void load_n(const T* __restrict__ p, float (&out)[N]) {
+// Every address is 16-byte aligned (null counts as aligned: an absent list).
+template <typename... T>
+__device__ __forceinline__ bool all_aligned16(const T*... p) {
+  return (aligned16(p) && ...);
+}
+
+// Loads N elements of T starting at p (16-byte aligned when VECTOR) into A:
+// fp32 registers (NOTE [one precision policy] in fastopt/update_math.h), or
+// double for grad_sumsq's fp64 gradients. c10::BFloat16 / c10::Half convert
+// exactly; their float constructors round to nearest even (the stores).
+template <int N, bool VECTOR, typename T, typename A>
+__device__ __forceinline__ void load_n(const T* __restrict__ p, A (&out)[N]) {
   if constexpr (VECTOR) {
     static_assert((N * sizeof(T)) % 16 == 0, "vector path moves whole 16-byte words");
     constexpr int kPerWord = 16 / sizeof(T);
@@ -200,11 +208,11 @@ __device__ __forceinline__ void load_n(const T* __restrict__ p, float (&out)[N])
       T vals[kPerWord];
       memcpy(vals, &raw, 16);
 #pragma unroll
-      for (int j = 0; j < kPerWord; ++j) out[w * kPerWord + j] = to_f32(vals[j]);
+      for (int j = 0; j < kPerWord; ++j) out[w * kPerWord + j] = static_cast<A>(vals[j]);
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < N; ++j) out[j] = to_f32(p[j]);
+    for (int j = 0; j < N; ++j) out[j] = static_cast<A>(p[j]);
   }
 }
 
@@ -217,32 +225,33 @@ __device__ __forceinline__ void store_n(T* __restrict__ p, const float (&in)[N])
     for (int w = 0; w < N / kPerWord; ++w) {
       T vals[kPerWord];
 #pragma unroll
-      for (int j = 0; j < kPerWord; ++j) vals[j] = from_f32<T>(in[w * kPerWord + j]);
+      for (int j = 0; j < kPerWord; ++j) vals[j] = T(in[w * kPerWord + j]);
       uint4 raw;
       memcpy(&raw, vals, 16);
       reinterpret_cast<uint4*>(p)[w] = raw;
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < N; ++j) p[j] = from_f32<T>(in[j]);
+    for (int j = 0; j < N; ++j) p[j] = T(in[j]);
   }
 }
 
 // Runs body.template operator()<N, VECTOR>(offset) over a chunk of len
 // elements: 16-byte vectors of N elements when `aligned`, then a scalar tail;
-// everything scalar otherwise. Offsets are relative to the chunk start.
+// everything scalar otherwise. Offsets are relative to the chunk start. The
+// body is the kernel's own lambda, so the element code stays in the kernel.
 template <int N, typename Body>
 __device__ __forceinline__ void for_each_in_chunk(int len, bool aligned, Body& body) {
   int done = 0;
   if (aligned) {
     const int nvec = len / N;
     for (int i = static_cast<int>(threadIdx.x); i < nvec; i += blockDim.x) {
-      body.template run<N, true>(i * N);
+      body.template operator()<N, true>(i * N);
     }
     done = nvec * N;
   }
   for (int i = done + static_cast<int>(threadIdx.x); i < len; i += blockDim.x) {
-    body.template run<1, false>(i);
+    body.template operator()<1, false>(i);
   }
 }
 

@@ -6,8 +6,8 @@ moment, ``addcmul_`` for the second, ``addcdiv_`` for the step) so that fp32
 results agree with ``torch.optim.AdamW(foreach=False)``, and computes every
 element in fp32 whatever the storage dtype, narrowing once on the store
 (``Tensor.copy_`` rounds to nearest even). Each function has the signature of
-the compiled op of the same name (csrc/ops.cpp); the arguments are explained
-in fastopt/functional.py.
+the compiled op of the same name (csrc/ops.cpp); the arguments and their types
+are explained in fastopt/functional.py.
 
 It reads ``skip``, ``lr_tensor`` and the steps on the host: it is written for
 clarity, and runs the few tensors the fast backends do not take (float64,
@@ -70,28 +70,9 @@ def _weight(master_params: list[Tensor], i: int, p: Tensor, dtype: torch.dtype) 
     return master_params[i] if master_params else p.detach().to(dtype)
 
 
-def adamw_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    master_params: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float,
-    lr_tensor: Tensor | None,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    grad_mul: Tensor | None,
-    max_grad_value: float | None,
-    clip_coef: Tensor | None,
-    skip: Tensor | None,
-) -> None:
+def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, *,
+           lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+           grad_mul, max_grad_value, clip_coef, skip) -> None:  # fmt: skip
     r"""AdamW, per tensor, in fp32.
 
     .. math::
@@ -129,23 +110,9 @@ def adamw_(
         p.detach().copy_(w)
 
 
-def lion_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    master_params: list[Tensor],
-    *,
-    lr: float,
-    lr_tensor: Tensor | None,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    maximize: bool,
-    grad_mul: Tensor | None,
-    max_grad_value: float | None,
-    clip_coef: Tensor | None,
-    skip: Tensor | None,
-) -> None:
+def lion_(params, grads, exp_avgs, master_params, *,
+          lr, lr_tensor, beta1, beta2, weight_decay, maximize, grad_mul, max_grad_value, clip_coef,
+          skip) -> None:  # fmt: skip
     r"""Lion (Chen et al. 2023), per tensor, in fp32.
 
     .. math::
@@ -183,31 +150,9 @@ def ademamix_schedules(
     return alpha_t, beta3_t
 
 
-def ademamix_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avgs_slow: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    master_params: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float,
-    lr_tensor: Tensor | None,
-    beta1: float,
-    beta2: float,
-    beta3: float,
-    alpha: float,
-    t_alpha: float | None,
-    t_beta3: float | None,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-    grad_mul: Tensor | None,
-    max_grad_value: float | None,
-    clip_coef: Tensor | None,
-    skip: Tensor | None,
-) -> None:
+def ademamix_(params, grads, exp_avgs, exp_avgs_slow, exp_avg_sqs, master_params, state_steps, *,
+              lr, lr_tensor, beta1, beta2, beta3, alpha, t_alpha, t_beta3, eps, weight_decay,
+              maximize, grad_mul, max_grad_value, clip_coef, skip) -> None:  # fmt: skip
     r"""AdEMAMix (Pagliardini et al. 2024, Algorithm 1), per tensor, in fp32.
 
     .. math::

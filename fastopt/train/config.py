@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastopt.schedules import DECAYS
+from fastopt.train import parallel
 from fastopt.train.model import ModelConfig
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -53,6 +54,12 @@ class TrainConfig:
         meta={"choices": DEVICES},
     )
     threads: int | None = _opt("torch intra-op threads (default: torch's choice)", default=None)
+    parallel: str = _opt(
+        "data parallelism under torchrun: ddp, fsdp (FSDP2) or zero (DDP + ZeroRedundancyOptimizer); "
+        "--batch-size is the global batch, split over the ranks",
+        default="none",
+        meta={"choices": parallel.MODES},
+    )
     # model
     d_model: int = _opt("model width", default=128)
     n_layers: int = _opt("transformer blocks", default=4)
@@ -204,6 +211,9 @@ class TrainConfig:
         self.device = resolve_device(self.device)
         if self.precision is None:
             self.precision = "bf16" if self.device == "cuda" else "fp32"
+        problem = parallel.launch_problem(self.parallel, self.batch_size)
+        if problem is not None:
+            raise ConfigError(problem)
 
 
 def resolve_device(device: str) -> str:

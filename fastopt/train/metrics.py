@@ -11,10 +11,16 @@ CURVES = "curves.png"
 
 
 class Metrics:
-    """Append-only ``metrics.jsonl``, one JSON object per optimizer step or evaluation."""
+    """Append-only ``metrics.jsonl``, one JSON object per optimizer step or evaluation.
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+    ``enabled=False`` (every rank but 0 under ``--parallel``) writes nothing.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None, *, enabled: bool = True) -> None:
         self.path = path
+        self.file = None
+        if not enabled:
+            return
         if resume_step is None:
             path.write_text("")
         elif path.exists():
@@ -28,6 +34,8 @@ class Metrics:
         self.file = open(path, "a")  # noqa: SIM115 - closed in close()
 
     def log(self, record: dict) -> None:
+        if self.file is None:
+            return
         # strict JSON has no inf/nan (a skipped step's grad norm): write null instead
         clean = {
             k: None if isinstance(v, float) and not math.isfinite(v) else v
@@ -36,8 +44,13 @@ class Metrics:
         self.file.write(json.dumps(clean, allow_nan=False) + "\n")
         self.file.flush()
 
+    def records(self) -> list[dict]:
+        """What has been logged so far (nothing where disabled)."""
+        return [] if self.file is None else read_metrics(self.path)
+
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -88,11 +101,15 @@ def plot_curves(metrics_path: Path, png_path: Path, unigram: float | None = None
 class Progress:
     """tqdm bar with loss, lr, tokens/s and the optimizer's share of the step time."""
 
-    def __init__(self, enabled: bool, total: int, initial: int, desc: str) -> None:
+    def __init__(
+        self, enabled: bool, total: int, initial: int, desc: str, *, quiet: bool = False
+    ) -> None:
+        """``quiet`` (every rank but 0 under ``--parallel``): no bar and no messages."""
         self.bar = None
         self.tok_s = None
         self.opt_frac = None
-        if enabled:
+        self.quiet = quiet
+        if enabled and not quiet:
             try:
                 from tqdm import tqdm
             except ImportError:  # tqdm is in the [train] extra; train without a bar
@@ -122,6 +139,8 @@ class Progress:
             self.bar.update(done)
 
     def write(self, msg: str) -> None:
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.write(msg)
         else:

@@ -1,0 +1,127 @@
+"""The per-element pieces every Triton update shares: the Triton twin of
+csrc/include/fastopt/update_math.h.
+
+One formula per quantity, the same as the C++ and the reference (NOTE [one
+precision policy], NOTE [one formula per quantity] and NOTE [gradient
+transform] in update_math.h):
+
+* hyperparameters arrive as fp64 kernel arguments; per-tensor coefficients
+  (bias corrections, AdEMAMix's schedules) are computed from them in fp64
+  and rounded once to fp32, as the C++ ``*_coeffs`` functions and the
+  reference (on Python floats) do;
+* every value is loaded from its storage dtype into fp32 registers and
+  narrowed back on the store, rounded to nearest even (NOTE [explicit RNE in
+  Triton]);
+* the only fused multiply-adds are the explicit ones (``lerp``); the launches
+  turn implicit contraction off (``multi_tensor.LAUNCH_OPTIONS``) and the
+  interpreter's ``tl.fma`` is made to round once (NOTE [fma under the
+  interpreter]);
+* divisions and square roots are the IEEE ones (``div_rn``, ``sqrt_rn``):
+  Triton's ``/`` and ``tl.sqrt`` on fp32 are approximations.
+
+All are ``device_fn``s: free to call under the interpreter, inlined when
+compiled (NOTE [interpreter cost of jit calls]).
+"""
+
+from __future__ import annotations
+
+import triton.language as tl
+
+from fastopt.triton_kernels.interpreter import device_fn
+from fastopt.triton_kernels.rounding import narrow
+
+# ---- scalars ------------------------------------------------------------------
+
+
+@device_fn
+def f64(x):
+    """An fp64 kernel argument as an fp64 scalar. Compiled it already is one; the
+    interpreter passes a Python float, which triton would otherwise take as an
+    fp32 constant wherever it meets a function or an fp32 value."""
+    return tl.full([], x, tl.float64)
+
+
+@device_fn
+def learning_rate(lr, lr_ptr):
+    """lr in fp64: the float ``lr`` times the device-side ``*lr_ptr`` (one of them is 1)."""
+    return f64(lr) * tl.load(lr_ptr).to(tl.float64)
+
+
+@device_fn
+def bias_correction(beta, t):
+    """1 - beta^t in fp64, beta^t as exp(t ln beta); beta = 0 is clamped to 1e-300,
+    whose t-th power (t >= 1) is 0 in double just the same, without a log(0)."""
+    return 1.0 - tl.exp(t * tl.log(tl.maximum(beta, 1e-300)))
+
+
+@device_fn
+def grad_transform(grad_mul_ptr, grad_sign, max_grad_value, clip_coef_ptr):
+    """The gradient transform's fp32 scalars ``(grad_mul, max_grad_value, clip_coef)``;
+    ``clip_coef_ptr`` None: 1 (the norm pass, which computes that coefficient).
+
+    ``maximize`` is always this sign folded into grad_mul (NOTE [gradient
+    transform]): clamping is odd and -1 exact, so it equals negating after.
+    """
+    grad_mul = tl.load(grad_mul_ptr) * tl.full([], grad_sign, tl.float32)
+    clip_coef = 1.0 if clip_coef_ptr is None else tl.load(clip_coef_ptr)
+    return grad_mul, tl.full([], max_grad_value, tl.float32), clip_coef
+
+
+# ---- per element ----------------------------------------------------------------
+
+
+@device_fn
+def transform_grad(g, transform):
+    """g * grad_mul, clamped to [-max_grad_value, max_grad_value], times clip_coef.
+
+    The clamp is written with comparisons (not min/max, which drop NaN) so a
+    NaN gradient stays NaN; +inf turns value clipping off.
+    """
+    grad_mul, max_grad_value, clip_coef = transform
+    g = g * grad_mul
+    g = tl.where(g > max_grad_value, max_grad_value, tl.where(g < -max_grad_value, -max_grad_value, g))
+    return g * clip_coef
+
+
+@device_fn
+def lerp(a, b, w):
+    """torch.lerp(a, b, w) for an fp32 scalar weight in [0, 1], as torch's vectorized
+    CPU kernel: fma(w, b - a, a) when w < 0.5, else fma(w - 1, b - a, b)."""
+    small = w < 0.5
+    return tl.fma(tl.where(small, w, w - 1.0), b - a, tl.where(small, a, b))
+
+
+@device_fn
+def second_moment(v, g, beta2, one_minus_beta2):
+    """v * beta2 + ((1 - beta2) * g) * g (torch's addcmul order)."""
+    return v * beta2 + (one_minus_beta2 * g) * g
+
+
+@device_fn
+def adam_denom(v, bias_corr2_sqrt, eps):
+    """sqrt(v) / sqrt(1 - beta2^t) + eps."""
+    return tl.div_rn(tl.sqrt_rn(v), bias_corr2_sqrt) + eps
+
+
+# ---- memory ---------------------------------------------------------------------
+
+
+@device_fn
+def load(ptr, offs, mask):
+    """A block of ``ptr``'s storage dtype, in fp32."""
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@device_fn
+def store(ptr, offs, x, mask):
+    """fp32 ``x`` into ``ptr``'s storage dtype, rounded to nearest even."""
+    tl.store(ptr + offs, narrow(x, ptr.dtype.element_ty), mask=mask)
+
+
+@device_fn
+def store_weight(p_ptr, w_ptr, offs, w, mask, MASTER: tl.constexpr):
+    """The updated weight: into the fp32 master and, rounded to nearest even, the
+    param (with master weights); else into the param itself."""
+    if MASTER:
+        tl.store(w_ptr + offs, w, mask=mask)
+    store(p_ptr, offs, w, mask)
