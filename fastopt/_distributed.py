@@ -17,11 +17,14 @@ domain*: plain tensors belong to the optimizer's ``process_group`` (None: not
 reduced, e.g. DDP, whose gradients are already identical everywhere); a
 DTensor belongs to its mesh. Over a mesh every rank's contribution is summed,
 except that along a mesh dimension where the parameter is ``Replicate`` only
-the rank at coordinate 0 contributes, so a replicated tensor (a
-tensor-parallel norm weight, an HSDP replica) counts once. Each domain's
-``[sum of squares, found_inf]`` pair is all-reduced (one collective per
-process group, which on NCCL the host never waits for), then the domains
-are added.
+the rank at coordinate 0 contributes its sum, so a replicated tensor (a
+tensor-parallel norm weight, an HSDP replica) counts once; the other replicas
+contribute ``sum * 0``, zero unless their copy is not finite. Each rank adds
+its buckets per set of process groups and all-reduces one ``[sum of squares,
+found_inf]`` pair per set (a ZeRO partition gives ranks different numbers of
+buckets; the pair has the same size everywhere), meshes first in bucket order,
+the ``process_group`` last, so every rank issues the same collectives in the
+same order; on NCCL the host never waits for them. Then the domains are added.
 Non-finite values propagate through the sums, so every rank sees the same
 non-finite norm and skips the same step; ``found_inf`` from the scaler joins
 the same reduction.
@@ -85,35 +88,45 @@ def reduce_sums(
 ) -> tuple[Tensor, Tensor | None]:
     """Global (sum of squares, found_inf) from local float64 sums per domain.
 
-    ``per_domain`` must list the same domains in the same order on every rank
-    of each group (the gatherer's bucket order guarantees it). Returns the
-    float64 total and the float64 found count (None if ``found`` was None and
-    nothing was reduced).
+    ``per_domain`` must name the same meshes in the same order on every rank of
+    each mesh (the gatherer's bucket order, which follows the parameter order,
+    guarantees it); how many buckets a rank has per domain may differ (a ZeRO
+    partition, say). Returns the float64 total and the float64 found count.
     """
     zero = torch.zeros((), dtype=torch.float64, device=device)
     found = zero if found is None else found.to(device=device, dtype=torch.float64)
-    # Domains sharing their process groups are stacked into one collective.
-    by_groups: dict[tuple, list[Tensor]] = {}
+    # One [sum of squares, found] pair per set of process groups: the buckets of
+    # a domain are summed here first, so every rank sends the same two numbers
+    # however many buckets it holds. Meshes come in bucket order, then the
+    # optimizer's process_group: the same order of collectives on every rank.
+    by_groups: dict[tuple, Tensor] = {}
     local_total = zero
+    for kind in ("mesh", "group"):
+        for domain, total in per_domain:
+            if domain is None or domain[0] != kind:
+                continue
+            if not counts_here(domain):
+                # A replica that is not counted still carries non-finiteness
+                # (inf * 0 and nan * 0 are NaN): a NaN in one rank's copy of a
+                # replicated gradient skips the step on every rank.
+                total = total * 0
+            key = tuple(_groups(domain))
+            by_groups[key] = by_groups.get(key, zero) + total
     for domain, total in per_domain:
         if domain is None:
             local_total = local_total + total
-            continue
-        if not counts_here(domain):
-            total = torch.zeros_like(total)
-        by_groups.setdefault(tuple(_groups(domain)), []).append(total)
     totals = [local_total]
     found_out = found
-    for groups, parts in by_groups.items():
+    for groups, part in by_groups.items():
         # The collective runs on the groups' device (gloo: CPU, NCCL: the GPU).
-        vec = torch.stack([*parts, found]).to(_collective_device(groups[0], device))
+        vec = torch.stack([part, found]).to(_collective_device(groups[0], device))
         # A 2-D mesh sums over each dimension in turn. With NCCL a collective
         # only orders the current stream after it: the host does not wait.
         for g in groups:
             dist.all_reduce(vec, group=g)
         vec = vec.to(device)
-        totals.append(vec[:-1].sum())
-        found_out = torch.maximum(found_out, vec[-1])
+        totals.append(vec[0])
+        found_out = torch.maximum(found_out, vec[1])
     return torch.stack(totals).sum(), found_out
 
 

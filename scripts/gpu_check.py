@@ -492,7 +492,7 @@ def stage_gpu_tests(stage: Stage, ctx: dict) -> None:
 def bench_verdict(result: dict | None, dry_run: bool) -> tuple[str, str]:
     """(status, reason) of a bench_gpu result: every fastopt contender must have run on a GPU."""
     if result is None:
-        return "FAIL", "no results.json from the benchmark"
+        return "FAIL", "the benchmark wrote no bench.json"
     problems = [f"({e['workload']}) {e['error']}" for e in result.get("errors", [])]
     for w in result.get("workloads", []):
         for m in w["missing"]:

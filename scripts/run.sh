@@ -66,7 +66,7 @@ case "$job" in
     ;;
   bench)
     # Optional contenders; the harness skips (and names) any that cannot install here.
-    pipq --no-build-isolation lion-pytorch deepspeed || echo "note: optional contenders not installed"
+    pipq --no-build-isolation lion-pytorch deepspeed bitsandbytes || echo "note: optional contenders not installed"
     exec python -m benchmarks.bench_cpu "$@"
     ;;
   *) echo "usage: bash scripts/run.sh train|test|bench [args...]" >&2; exit 2 ;;

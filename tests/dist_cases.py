@@ -159,13 +159,29 @@ def _loop(
         if torch_norms:
             # after the step: fastopt never rewrites .grad, and with an infinite
             # max_norm clip_grad_norm_ multiplies by 1.
-            total = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-            out["torch_norms"].append(float(full(total)))
+            out["torch_norms"].append(torch_grad_norm(model))
         if sched is not None:
             sched.step()
         out["lrs"].append(float(opt.param_groups[0]["lr"]))
         opt.zero_grad(set_to_none=True)
     return out
+
+
+def torch_grad_norm(model: nn.Module) -> float:
+    """What ``torch.nn.utils.clip_grad_norm_`` returns for ``model`` (``.full_tensor()``
+    under DTensor). torch's clipping refuses parameters on different meshes (one
+    ``torch.stack`` over all norms), as in FSDP2 + TP where some parameters live
+    on the dp mesh only; then it runs once per mesh, with the norms combined as
+    torch's documentation for that case says."""
+    by_mesh: dict = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            by_mesh.setdefault(p.device_mesh if is_dtensor(p) else None, []).append(p)
+    norms = [
+        float(full(torch.nn.utils.clip_grad_norm_(params, float("inf"))))
+        for params in by_mesh.values()
+    ]  # fmt: skip
+    return sum(n * n for n in norms) ** 0.5
 
 
 def _local_snapshot(opt) -> list[tuple[str, bytes]]:
@@ -330,7 +346,9 @@ def _ddp_model(seed: int = 0):
     return DDP(build_model("mlp", seed=seed))
 
 
-def _zero(module: nn.Module, opt_kwargs: dict, *, process_group: bool = True):
+def _zero(module: nn.Module, opt_kwargs: dict, *, process_group: bool = True, groups: bool = False):
+    """ZeRO over ``module``; ``groups``: two param groups (fc1 / the rest), which ZeRO
+    partitions separately, so ranks hold different numbers of buckets."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     # ZeroRedundancyOptimizer consumes its own ``process_group`` keyword; the local
@@ -340,7 +358,18 @@ def _zero(module: nn.Module, opt_kwargs: dict, *, process_group: bool = True):
         if process_group
         else functools.partial(fastopt.AdamW, backend=BACKEND)
     )
-    return ZeroRedundancyOptimizer(module.parameters(), optimizer_class=cls, **opt_kwargs)
+    params = param_groups(module.module) if groups else module.parameters()
+    return ZeroRedundancyOptimizer(params, optimizer_class=cls, **opt_kwargs)
+
+
+def param_groups(mlp: MLP) -> list[dict[str, Any]]:
+    """Two param groups of an MLP: fc1 (with its own lr) and the rest."""
+    fc1 = {id(p) for p in mlp.fc1.parameters()}
+    params = list(mlp.parameters())
+    return [
+        {"params": [p for p in params if id(p) in fc1], "lr": 2e-3},
+        {"params": [p for p in params if id(p) not in fc1]},
+    ]
 
 
 def ddp_train(*, opt_kwargs: dict | None = None, steps: int = 10) -> dict[str, Any]:
@@ -364,6 +393,7 @@ def zero_train(
     schedule: dict | None = None,
     save_at: int | None = None,
     path: str | None = None,
+    groups: bool = False,
 ) -> dict[str, Any]:
     """ZeroRedundancyOptimizer over fastopt.AdamW on a DDP model.
 
@@ -372,7 +402,7 @@ def zero_train(
     the model) to ``path``, then keep training (the uninterrupted run).
     """
     net = _ddp_model()
-    zero = _zero(net, opt_kwargs or {}, process_group=process_group)
+    zero = _zero(net, opt_kwargs or {}, process_group=process_group, groups=groups)
     sched = None if schedule is None else fastopt.schedules.warmup_decay(zero, **schedule)
     kw = dict(dp_index=dist.get_rank(), dp_size=dist.get_world_size(), dtype=torch.float32,
               sched=sched, inject=inject, watch_step=watch_step, torch_norms=True,
@@ -437,7 +467,10 @@ def dcp_train(
     """FSDP2 training that saves model + optimizer through DCP after ``save_at`` steps
     and goes on to ``steps`` (the uninterrupted run)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     net, opt, dp_index, dp_size = _dcp_setup(0, opt_kwargs)
     sched = fastopt.schedules.warmup_decay(opt, **schedule)
@@ -496,12 +529,13 @@ def reference(
     steps: int = 10,
     inject: dict | None = None,
     schedule: dict | None = None,
+    groups: bool = False,
 ) -> dict[str, Any]:
     """The same recipe in this process: the full model, the full global batch, fastopt."""
     dt = getattr(torch, dtype)
     net = build_model(model, dt)
     opt_kwargs = {k: v for k, v in (opt_kwargs or {}).items() if k != "process_group"}
-    opt = make_optimizer(optimizer, net.parameters(), **opt_kwargs)
+    opt = make_optimizer(optimizer, param_groups(net) if groups else net.parameters(), **opt_kwargs)
     sched = None if schedule is None else fastopt.schedules.warmup_decay(opt, **schedule)
     if inject is not None:
         inject = dict(inject, rank=0)
@@ -531,3 +565,9 @@ def replay(
         n: {k: v.clone() for k, v in opt.state[p].items() if k != "step"} for n, p in params.items()
     }
     return dict(params={n: p.detach() for n, p in params.items()}, state=state, norms=norms)
+
+
+def zero_partition():
+    net = _ddp_model()
+    zero = _zero(net, {}, groups=True)
+    return [len(g["params"]) for g in zero.optim.param_groups]

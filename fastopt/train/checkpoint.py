@@ -330,10 +330,23 @@ def _load_sharded(run: Run, ckpt: dict) -> None:
     lawa = ckpt.get("lawa")
     n_snaps = lawa["count"] if lawa is not None and run.lawa is not None else 0
     state = _sharded_state(run, n_snaps)
-    dcp.load(state, checkpoint_id=ckpt["dcp_folder"])
+    # A param-group setting the checkpoint lacks keeps this run's value: ZeRO adds its
+    # constructor's keywords (max_grad_norm, backend, ...) to every group, so a checkpoint
+    # written under ddp or fsdp has no such entry, and vice versa.
+    saved = dcp.FileSystemReader(ckpt["dcp_folder"]).read_metadata().state_dict_metadata
+    optim = state["optimizer"]
+    to_load = state | {
+        "optimizer": {
+            k: v
+            for k, v in optim.items()
+            if not k.startswith("param_groups.") or f"optimizer.{k}" in saved
+        }
+    }
+    dcp.load(to_load, checkpoint_id=ckpt["dcp_folder"])  # tensors in place, settings replaced
+    optim.update(to_load["optimizer"])
     opts = _options()
     set_model_state_dict(run.model, state["model"], options=opts)
-    set_optimizer_state_dict(run.model, run.local_optimizer, state["optimizer"], options=opts)
+    set_optimizer_state_dict(run.model, run.local_optimizer, optim, options=opts)
     _sync_zero_groups(run, to_local=False)
     if n_snaps:
         names = _param_names(run)
