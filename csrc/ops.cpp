@@ -7,8 +7,12 @@
 // Conventions shared by every update op (the Python side,
 // fastopt/functional.py, documents them for users):
 // * lists are parallel and hold contiguous tensors of one device; params
-//   share one dtype and grads have the params' dtype; moments are fp32 when
-//   master_params is non-empty, otherwise the params' dtype.
+//   share one dtype (float32, bfloat16 or float16; float64 runs on the
+//   reference backend) and grads share one dtype, the params' or float32 for
+//   bfloat16/float16 params (torch's Tensor.grad_dtype); moments are fp32 when
+//   master_params is non-empty, otherwise the params' dtype. The op entries'
+//   checks (csrc/op_checks.h) come before any write: a call that fails writes
+//   nothing.
 // * master_params empty -> no master weights; max_exp_avg_sqs empty -> no
 //   amsgrad state.
 // * state_steps: float32 0-dim tensors, already incremented for this step.
@@ -51,7 +55,7 @@ TORCH_LIBRARY(fastopt, m) {
   m.def("grad_sumsq(Tensor[] grads, *, Tensor? grad_mul=None, float? max_grad_value=None) -> Tensor");
   // steps[i] += value for float32 0-dim CPU tensors, in one C++ loop: on the
   // CPU torch._foreach_add_ dispatches once per tensor (NOTE [step counters]
-  // in fastopt/_step.py); GPUs keep torch's fused _foreach_add_.
+  // in fastopt/_base.py); GPUs keep torch's fused _foreach_add_.
   m.def("steps_add_(Tensor(a!)[] steps, float value) -> ()");
 }
 

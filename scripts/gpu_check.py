@@ -319,9 +319,11 @@ CHECK_IMPORT = (
 )
 
 
-def _import_check(ctx: dict, name: str) -> dict | None:
+def _import_check(ctx: dict, name: str, deadline: float | None = None) -> dict | None:
+    """What the installed extension offers; within the build stage's ``deadline`` (monotonic)."""
     log = ctx["outdir"] / "logs" / f"{name}.log"
-    run_command([PYTHON, "-c", CHECK_IMPORT], log_path=log, timeout_s=120, env=ctx["env"])
+    timeout = 45.0 if deadline is None else max(5.0, min(45.0, deadline - time.monotonic()))
+    run_command([PYTHON, "-c", CHECK_IMPORT], log_path=log, timeout_s=timeout, env=ctx["env"])
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("@@")]
     return json.loads(lines[-1][2:]) if lines else None
 
@@ -386,7 +388,9 @@ def stage_build(stage: Stage, ctx: dict) -> None:
     )[:5]
     stage.details["attempts"] = [{"what": "pip editable install", "rc": rc, "seconds": secs,
                                   "timed_out": timed_out, "log": stage.log}]  # fmt: skip
-    check = _import_check(ctx, "build-import-check") if rc == 0 and not timed_out else None
+    check = (
+        _import_check(ctx, "build-import-check", deadline) if rc == 0 and not timed_out else None
+    )
     stage.details["installed"] = check
     if check is not None and check["with_cuda"]:
         stage.status, stage.reason = "PASS", f"backends {check['backends']}"
@@ -408,7 +412,7 @@ def stage_build(stage: Stage, ctx: dict) -> None:
         stage.details["attempts"].append({"what": what, "command": cmd, "env": extra, "rc": rc2,
                                           "seconds": secs2, "timed_out": to2, "log": name})  # fmt: skip
         if rc2 == 0:
-            check = _import_check(ctx, f"build-import-check-{i + 1}")
+            check = _import_check(ctx, f"build-import-check-{i + 1}", deadline)
             if check is not None:
                 stage.details["installed"] = check
                 stage.reason += f"; fallback {what} worked: backends {check['backends']}"

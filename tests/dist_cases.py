@@ -133,7 +133,7 @@ def _loop(
     that step left the local parameters and states bitwise unchanged.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
-    named = dict(model.named_parameters())
+    named = {n.removeprefix("module."): p for n, p in model.named_parameters()}  # DDP's prefix
     core = core or (lambda: opt)
     out: dict[str, Any] = {"norms": [], "torch_norms": [], "grads": [], "scales": [], "lrs": []}
     rows = slice(dp_index * BATCH // dp_size, (dp_index + 1) * BATCH // dp_size)
@@ -403,6 +403,10 @@ def zero_train(
     """
     net = _ddp_model()
     zero = _zero(net, opt_kwargs or {}, process_group=process_group, groups=groups)
+    if inject is not None and inject["rank"] == "owner":
+        # the rank whose partition holds the parameter: only its optimizer reads the gradient
+        owner = zero._param_to_rank[dict(net.module.named_parameters())[inject["param"]]]
+        inject = dict(inject, rank=owner)
     sched = None if schedule is None else fastopt.schedules.warmup_decay(zero, **schedule)
     kw = dict(dp_index=dist.get_rank(), dp_size=dist.get_world_size(), dtype=torch.float32,
               sched=sched, inject=inject, watch_step=watch_step, torch_norms=True,
@@ -562,12 +566,8 @@ def replay(
         opt.step()
         norms.append(None if opt.last_grad_norm is None else float(opt.last_grad_norm))
     state = {
-        n: {k: v.clone() for k, v in opt.state[p].items() if k != "step"} for n, p in params.items()
+        n: {k: float(v) if k == "step" else v.clone() for k, v in opt.state[p].items()}
+        for n, p in params.items()
     }
     return dict(params={n: p.detach() for n, p in params.items()}, state=state, norms=norms)
 
-
-def zero_partition():
-    net = _ddp_model()
-    zero = _zero(net, {}, groups=True)
-    return [len(g["params"]) for g in zero.optim.param_groups]

@@ -100,9 +100,9 @@ def assert_bitwise_equal(a, b, what=""):
     for key in a:
         for i, (x, y) in enumerate(zip(a[key], b[key], strict=True)):
             assert x.dtype == y.dtype, (what, key, i)
-            assert torch.equal(x.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8)), (
-                f"{what} {key}[{i}] differs"
-            )
+            assert torch.equal(
+                x.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8)
+            ), f"{what} {key}[{i}] differs"
 
 
 UPDATE_OPS = ("adamw", "lion", "ademamix")
@@ -389,8 +389,11 @@ def test_argument_errors_name_the_problem_and_write_nothing(op, breaker, kw, mes
 def test_16bit_errors_name_the_problem():
     lists = make_lists("adamw", [10, 20], torch.bfloat16, seed=16)
     lists["grads"] = [lists["grads"][0].half(), lists["grads"][1].half()]
-    with pytest.raises(RuntimeError, match=r"grads\[0\] has dtype Half; grads must have the "
-                       r"params' dtype \(BFloat16\) or, for bfloat16/float16 params, float32"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"grads\[0\] has dtype Half; grads must have the "
+        r"params' dtype \(BFloat16\) or, for bfloat16/float16 params, float32",
+    ):
         call("adamw", lists, **scalars("adamw"))
     lists = make_lists("lion", [10, 20], torch.bfloat16, seed=16)
     lists["grads"][1] = lists["grads"][1].float()  # one grad dtype per call
@@ -404,9 +407,12 @@ def test_float64_never_reaches_the_kernels(op):
     the op says so instead of computing it in fp32."""
     lists = make_lists(op, [100], torch.float64, seed=16)
     before = clone(lists)
-    with pytest.raises(RuntimeError, match=r"params\[0\] has dtype Double; the compiled kernels "
-                       r"take float32, bfloat16 and float16 params \(float64 runs on the "
-                       r"reference backend\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"params\[0\] has dtype Double; the compiled kernels "
+        r"take float32, bfloat16 and float16 params \(float64 runs on the "
+        r"reference backend\)",
+    ):
         call(op, lists, **scalars(op))
     assert_bitwise_equal(lists, before, op)
 
@@ -424,7 +430,9 @@ def test_steps_add_increments_each_counter():
     torch.ops.fastopt.steps_add_(steps, 1.0)
     assert [float(s) for s in steps] == [float(i + 1) for i in range(300)]
     with pytest.raises(RuntimeError, match=r"steps\[1\] must be a float32 CPU scalar"):
-        torch.ops.fastopt.steps_add_([torch.tensor(0.0), torch.tensor(0.0, dtype=torch.float64)], 1.0)
+        torch.ops.fastopt.steps_add_(
+            [torch.tensor(0.0), torch.tensor(0.0, dtype=torch.float64)], 1.0
+        )
 
 
 # ---- memory ----------------------------------------------------------------------------------
@@ -486,7 +494,10 @@ def _kernel_disassembly():
     out = {}
     for block in re.split(r"\n(?=[0-9a-f]+ <)", text):
         head, _, body = block.partition("\n")
-        m = re.match(r"[0-9a-f]+ <((?:void )?fastopt::cpu::\w+_kernel.*\[clone \.arch_x86_64_v[34]\])>:", head)
+        m = re.match(
+            r"[0-9a-f]+ <((?:void )?fastopt::cpu::\w+_kernel.*\[clone \.arch_x86_64_v[34]\])>:",
+            head,
+        )
         if m:
             out[m.group(1)] = body
     return out

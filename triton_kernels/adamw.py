@@ -11,9 +11,7 @@ pieces live in multi_tensor.py (table walk, chunk loop) and elementwise.py
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
-from torch import Tensor
 
 from fastopt.triton_kernels import elementwise as em
 from fastopt.triton_kernels import multi_tensor as mt
@@ -25,29 +23,11 @@ EXP_AVG_SQ = tl.constexpr(mt.FIRST_STATE.value + 1)
 MAX_EXP_AVG_SQ = tl.constexpr(mt.FIRST_STATE.value + 2)
 
 
-def adamw_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    master_params: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float,
-    lr_tensor: Tensor | None,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    grad_mul: Tensor | None,
-    max_grad_value: float | None,
-    clip_coef: Tensor | None,
-    skip: Tensor | None,
-) -> None:
-    r"""In-place AdamW over contiguous tensors of one device, param dtype and grad dtype.
+def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, *,
+           lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+           grad_mul, max_grad_value, clip_coef, skip) -> None:  # fmt: skip
+    r"""In-place AdamW over contiguous tensors of one device, param dtype and grad dtype
+    (the op's signature, csrc/ops.cpp; arguments in fastopt/functional.py).
 
     With :math:`g` the transformed gradient (NOTE [gradient transform]):
 
@@ -68,51 +48,39 @@ def adamw_(
     if amsgrad:
         states.append((max_exp_avg_sqs, state_dtype))
     table = mt.update_table(params, grads, master_params, states, state_steps)
+    shared = mt.update_args(params[0].device, lr, lr_tensor, maximize, grad_mul, max_grad_value,
+                            clip_coef, skip)  # fmt: skip
     mt.launch(
-        _adamw_kernel, table,
-        **mt.update_args(params[0].device, lr=lr, lr_tensor=lr_tensor, maximize=maximize,
-                         grad_mul=grad_mul, max_grad_value=max_grad_value, clip_coef=clip_coef,
-                         skip=skip),
+        _adamw_kernel, table, **shared,
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         P_DTYPE=mt.TL_DTYPE[params[0].dtype], G_DTYPE=mt.TL_DTYPE[grads[0].dtype],
         AMSGRAD=bool(amsgrad), MASTER=bool(master_params),
     )  # fmt: skip
 
 
-@triton.jit(
-    do_not_specialize_on_alignment=[
-        "chunks_ptr",
-        "rows_ptr",
-        "lr_ptr",
-        "grad_mul_ptr",
-        "clip_coef_ptr",
-        "skip_ptr",
-    ]
-)
+@mt.kernel
 def _adamw_kernel(
     chunks_ptr,  # *i64 [n_chunks]: one chunk entry per program (NOTE [triton multi-tensor])
     rows_ptr,  # *i64 [n_tensors, ROW_WIDTH]: numel, &step, &param, &grad, &master, &exp_avg, &exp_avg_sq, &max_exp_avg_sq
     lr: tl.float64,  # times *lr_ptr: the learning rate
     lr_ptr,  # *fp32 0-dim: lr_tensor, or 1.0 when lr is a float
+    transform,  # elementwise.GradTransform: the gradient transform's arguments
+    skip_ptr,  # *fp32 0-dim: non-zero means write nothing
     beta1: tl.float64,
     beta2: tl.float64,
     eps: tl.float64,
     weight_decay: tl.float64,
-    grad_mul_ptr,  # *fp32 0-dim: gradient multiplier (NOTE [gradient transform])
-    grad_sign: tl.float32,  # -1.0 when maximize, else 1.0: folded into grad_mul
-    max_grad_value: tl.float32,  # value-clipping bound; +inf when off
-    clip_coef_ptr,  # *fp32 0-dim: global-norm clip coefficient
-    skip_ptr,  # *fp32 0-dim: non-zero means write nothing
     P_DTYPE: tl.constexpr,  # storage dtype of params (and of the moments unless MASTER)
     G_DTYPE: tl.constexpr,  # storage dtype of grads: P_DTYPE, or fp32 for bf16/fp16 params
-    AMSGRAD: tl.constexpr,  # read/write max_exp_avg_sq
     MASTER: tl.constexpr,  # fp32 master and moments; param written as the rounded master
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned (NOTE [triton multi-tensor])
+    AMSGRAD: tl.constexpr,  # read/write max_exp_avg_sq
 ):
     if tl.load(skip_ptr) == 0.0:
-        row, start, n = mt.locate_chunk(chunks_ptr, rows_ptr)
+        row, start, n, weights = mt.update_prologue(
+            chunks_ptr, rows_ptr, P_DTYPE, G_DTYPE, MASTER, ALIGNED
+        )
         S_DTYPE: tl.constexpr = tl.float32 if MASTER else P_DTYPE
-        p_ptr, g_ptr, w_ptr = mt.weight_ptrs(row, P_DTYPE, G_DTYPE, MASTER, ALIGNED)
         m_ptr = mt.array_ptr(row, EXP_AVG, S_DTYPE, ALIGNED)
         v_ptr = mt.array_ptr(row, EXP_AVG_SQ, S_DTYPE, ALIGNED)
         vmax_ptr = mt.array_ptr(row, MAX_EXP_AVG_SQ, S_DTYPE, ALIGNED) if AMSGRAD else v_ptr
@@ -124,9 +92,8 @@ def _adamw_kernel(
             em.f64(weight_decay),
             mt.step_count(row),
         )
-        transform = em.grad_transform(grad_mul_ptr, grad_sign, max_grad_value, clip_coef_ptr)
-        ptrs = (p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, vmax_ptr)
-        mt.for_each_block(_adamw_block, (ptrs, coeffs, transform, AMSGRAD, MASTER), start, n)
+        args = (weights, (m_ptr, v_ptr, vmax_ptr), coeffs, em.grad_scalars(transform), AMSGRAD, MASTER)
+        mt.for_each_block(_adamw_block, args, start, n)
 
 
 @device_fn
@@ -147,8 +114,7 @@ def _adamw_coeffs(lr, beta1, beta2, eps, weight_decay, t):
 @device_fn
 def _adamw_block(args, offs, mask):
     """One block of AdamW (update_math.h's adamw_element)."""
-    ptrs, coeffs, transform, AMSGRAD, MASTER = args
-    p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, vmax_ptr = ptrs
+    (p_ptr, g_ptr, w_ptr), (m_ptr, v_ptr, vmax_ptr), coeffs, transform, AMSGRAD, MASTER = args
     one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bias_corr2_sqrt = coeffs
     g = em.transform_grad(em.load(g_ptr, offs, mask), transform)
     w = em.load(w_ptr, offs, mask) * decay
@@ -159,7 +125,8 @@ def _adamw_block(args, offs, mask):
         # NaN-propagating max, like torch.maximum.
         v_used = tl.maximum(em.load(vmax_ptr, offs, mask), v, propagate_nan=tl.PropagateNan.ALL)
         em.store(vmax_ptr, offs, v_used, mask)
-    w = w + (-step_size) * tl.div_rn(m, em.adam_denom(v_used, bias_corr2_sqrt, eps))
+    # torch's addcdiv_(m, denom, value=-step_size): p + (value * m) / denom.
+    w = w + tl.div_rn((-step_size) * m, em.adam_denom(v_used, bias_corr2_sqrt, eps))
     em.store(m_ptr, offs, m, mask)
     em.store(v_ptr, offs, v, mask)
     em.store_weight(p_ptr, w_ptr, offs, w, mask, MASTER)

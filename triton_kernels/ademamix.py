@@ -11,9 +11,7 @@ six arrays per row, p, g, master, m1, m2, v.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
-from torch import Tensor
 
 from fastopt.triton_kernels import elementwise as em
 from fastopt.triton_kernels import multi_tensor as mt
@@ -25,32 +23,11 @@ EXP_AVG_SLOW = tl.constexpr(mt.FIRST_STATE.value + 1)  # m2, the slow EMA
 EXP_AVG_SQ = tl.constexpr(mt.FIRST_STATE.value + 2)
 
 
-def ademamix_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avgs_slow: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    master_params: list[Tensor],
-    state_steps: list[Tensor],
-    *,
-    lr: float,
-    lr_tensor: Tensor | None,
-    beta1: float,
-    beta2: float,
-    beta3: float,
-    alpha: float,
-    t_alpha: float | None,
-    t_beta3: float | None,
-    eps: float,
-    weight_decay: float,
-    maximize: bool,
-    grad_mul: Tensor | None,
-    max_grad_value: float | None,
-    clip_coef: Tensor | None,
-    skip: Tensor | None,
-) -> None:
-    r"""In-place AdEMAMix over contiguous tensors of one device, param dtype and grad dtype.
+def ademamix_(params, grads, exp_avgs, exp_avgs_slow, exp_avg_sqs, master_params, state_steps, *,
+              lr, lr_tensor, beta1, beta2, beta3, alpha, t_alpha, t_beta3, eps, weight_decay,
+              maximize, grad_mul, max_grad_value, clip_coef, skip) -> None:  # fmt: skip
+    r"""In-place AdEMAMix over contiguous tensors of one device, param dtype and grad dtype
+    (the op's signature, csrc/ops.cpp; arguments in fastopt/functional.py).
 
     With :math:`g` the transformed gradient and each tensor's own step :math:`t`:
 
@@ -73,11 +50,10 @@ def ademamix_(
     state_dtype = torch.float32 if master_params else params[0].dtype
     states = [(exp_avgs, state_dtype), (exp_avgs_slow, state_dtype), (exp_avg_sqs, state_dtype)]
     table = mt.update_table(params, grads, master_params, states, state_steps)
+    shared = mt.update_args(params[0].device, lr, lr_tensor, maximize, grad_mul, max_grad_value,
+                            clip_coef, skip)  # fmt: skip
     mt.launch(
-        _ademamix_kernel, table,
-        **mt.update_args(params[0].device, lr=lr, lr_tensor=lr_tensor, maximize=maximize,
-                         grad_mul=grad_mul, max_grad_value=max_grad_value, clip_coef=clip_coef,
-                         skip=skip),
+        _ademamix_kernel, table, **shared,
         beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha,
         # 0 means "no warm-up", as in update_math.h's ademamix_coeffs.
         t_alpha=0.0 if t_alpha is None else float(t_alpha),
@@ -88,21 +64,14 @@ def ademamix_(
     )  # fmt: skip
 
 
-@triton.jit(
-    do_not_specialize_on_alignment=[
-        "chunks_ptr",
-        "rows_ptr",
-        "lr_ptr",
-        "grad_mul_ptr",
-        "clip_coef_ptr",
-        "skip_ptr",
-    ]
-)
+@mt.kernel
 def _ademamix_kernel(
     chunks_ptr,  # *i64 [n_chunks]: one chunk entry per program (NOTE [triton multi-tensor])
     rows_ptr,  # *i64 [n_tensors, ROW_WIDTH]: numel, &step, &param, &grad, &master, &exp_avg, &exp_avg_slow, &exp_avg_sq
     lr: tl.float64,  # times *lr_ptr: the learning rate
     lr_ptr,  # *fp32 0-dim: lr_tensor, or 1.0 when lr is a float
+    transform,  # elementwise.GradTransform: the gradient transform's arguments
+    skip_ptr,  # *fp32 0-dim: non-zero means write nothing
     beta1: tl.float64,  # fast EMA and bias correction 1 - beta1^t
     beta2: tl.float64,  # second moment and bias correction 1 - beta2^t
     beta3: tl.float64,  # slow EMA (its final value under the warm-up)
@@ -111,20 +80,16 @@ def _ademamix_kernel(
     t_beta3: tl.float64,  # beta3 warm-up length in steps; 0: none
     eps: tl.float64,
     weight_decay: tl.float64,
-    grad_mul_ptr,  # *fp32 0-dim: gradient multiplier (NOTE [gradient transform])
-    grad_sign: tl.float32,  # -1.0 when maximize, else 1.0: folded into grad_mul
-    max_grad_value: tl.float32,  # value-clipping bound; +inf when off
-    clip_coef_ptr,  # *fp32 0-dim: global-norm clip coefficient
-    skip_ptr,  # *fp32 0-dim: non-zero means write nothing
     P_DTYPE: tl.constexpr,  # storage dtype of params (and of the moments unless MASTER)
     G_DTYPE: tl.constexpr,  # storage dtype of grads: P_DTYPE, or fp32 for bf16/fp16 params
     MASTER: tl.constexpr,  # fp32 master and moments; param written as the rounded master
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned (NOTE [triton multi-tensor])
 ):
     if tl.load(skip_ptr) == 0.0:
-        row, start, n = mt.locate_chunk(chunks_ptr, rows_ptr)
+        row, start, n, weights = mt.update_prologue(
+            chunks_ptr, rows_ptr, P_DTYPE, G_DTYPE, MASTER, ALIGNED
+        )
         S_DTYPE: tl.constexpr = tl.float32 if MASTER else P_DTYPE
-        p_ptr, g_ptr, w_ptr = mt.weight_ptrs(row, P_DTYPE, G_DTYPE, MASTER, ALIGNED)
         m1_ptr = mt.array_ptr(row, EXP_AVG, S_DTYPE, ALIGNED)
         m2_ptr = mt.array_ptr(row, EXP_AVG_SLOW, S_DTYPE, ALIGNED)
         v_ptr = mt.array_ptr(row, EXP_AVG_SQ, S_DTYPE, ALIGNED)
@@ -140,9 +105,8 @@ def _ademamix_kernel(
             em.f64(weight_decay),
             mt.step_count(row),
         )
-        transform = em.grad_transform(grad_mul_ptr, grad_sign, max_grad_value, clip_coef_ptr)
-        ptrs = (p_ptr, g_ptr, w_ptr, m1_ptr, m2_ptr, v_ptr)
-        mt.for_each_block(_ademamix_block, (ptrs, coeffs, transform, MASTER), start, n)
+        args = (weights, (m1_ptr, m2_ptr, v_ptr), coeffs, em.grad_scalars(transform), MASTER)
+        mt.for_each_block(_ademamix_block, args, start, n)
 
 
 @device_fn
@@ -177,8 +141,7 @@ def _ademamix_coeffs(lr, beta1, beta2, beta3, alpha, t_alpha, t_beta3, eps, weig
 @device_fn
 def _ademamix_block(args, offs, mask):
     """One block of AdEMAMix (update_math.h's ademamix_element)."""
-    ptrs, coeffs, transform, MASTER = args
-    p_ptr, g_ptr, w_ptr, m1_ptr, m2_ptr, v_ptr = ptrs
+    (p_ptr, g_ptr, w_ptr), (m1_ptr, m2_ptr, v_ptr), coeffs, transform, MASTER = args
     (one_minus_beta1, one_minus_beta3, beta2, one_minus_beta2, alpha, eps, lr, weight_decay,
      bias_corr1, bias_corr2_sqrt) = coeffs  # fmt: skip
     g = em.transform_grad(em.load(g_ptr, offs, mask), transform)
@@ -188,7 +151,7 @@ def _ademamix_block(args, offs, mask):
     v = em.second_moment(em.load(v_ptr, offs, mask), g, beta2, one_minus_beta2)
     denom = em.adam_denom(v, bias_corr2_sqrt, eps)
     update = tl.div_rn(tl.div_rn(m1, bias_corr1) + alpha * m2, denom) + weight_decay * w
-    w = w + (-lr) * update
+    w = tl.fma(update, -lr, w)  # torch's add_(update, alpha=-lr)
     em.store(m1_ptr, offs, m1, mask)
     em.store(m2_ptr, offs, m2, mask)
     em.store(v_ptr, offs, v, mask)

@@ -1,7 +1,7 @@
 """Every kernel specialisation the Triton backend can launch, for ahead-of-time checks.
 
-The launchers pass tensors for pointers (never alignment-specialised, see the
-``do_not_specialize_on_alignment`` lists) and annotated fp64/fp32 scalars, so
+The launchers pass tensors for pointers (never alignment-specialised,
+``multi_tensor.kernel``) and annotated fp64/fp32 scalars, so
 a specialisation is fixed by its constexprs alone; this module enumerates
 them so tests can ``triton.compile`` each one for a GPU target without a GPU
 (tests/test_triton_aot.py), with the launches' own options.
@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import triton.language as tl
 
 from fastopt.triton_kernels import multi_tensor as mt
+from fastopt.triton_kernels.elementwise import GRAD_TRANSFORM_TYPES
 from fastopt.triton_kernels.ademamix import _ademamix_kernel
 from fastopt.triton_kernels.adamw import _adamw_kernel
 from fastopt.triton_kernels.lion import _lion_kernel
@@ -22,21 +23,21 @@ from fastopt.triton_kernels.norm import _sumsq_kernel
 STORAGE_DTYPES = tuple(mt.TL_DTYPE.values())
 LOW_PRECISION = (tl.bfloat16, tl.float16)
 
-# Pointer arguments, by the name every kernel gives them; scalar arguments
-# carry their type as an annotation (``lr: tl.float64``).
-POINTER_TYPES = {
+# Pointer and tuple arguments, by the name every kernel gives them; scalar
+# arguments carry their type as an annotation (``lr: tl.float64``).
+ARGUMENT_TYPES = {
     "chunks_ptr": "*i64",
     "rows_ptr": "*i64",
     "partials_ptr": "*fp32",
     "lr_ptr": "*fp32",
-    "grad_mul_ptr": "*fp32",
-    "clip_coef_ptr": "*fp32",
     "skip_ptr": "*fp32",
+    "transform": GRAD_TRANSFORM_TYPES,
 }
 
-# Elementwise fp32 fmas each kernel writes on purpose (its lerps), per element:
-# with implicit contraction off these are the only fma.rn.f32 in its PTX.
-EXPLICIT_FMAS = {"sumsq": 0, "adamw": 1, "lion": 2, "ademamix": 2}
+# The fp32 fmas each kernel writes on purpose, per element (lerps, the second
+# moment, AdEMAMix's step; NOTE [one formula per quantity]): with implicit
+# contraction off these are the only fma.rn.f32 in its PTX.
+EXPLICIT_FMAS = {"sumsq": 0, "adamw": 2, "lion": 2, "ademamix": 4}
 
 
 def signature(kernel) -> dict[str, str]:
@@ -49,8 +50,8 @@ def signature(kernel) -> dict[str, str]:
         elif param.annotation:
             sig[param.name] = param.annotation
         else:
-            assert param.name in POINTER_TYPES, f"{kernel.__name__}: no type for {param.name}"
-            sig[param.name] = POINTER_TYPES[param.name]
+            assert param.name in ARGUMENT_TYPES, f"{kernel.__name__}: no type for {param.name}"
+            sig[param.name] = ARGUMENT_TYPES[param.name]
     return sig
 
 

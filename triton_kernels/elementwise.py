@@ -12,7 +12,7 @@ transform] in update_math.h):
 * every value is loaded from its storage dtype into fp32 registers and
   narrowed back on the store, rounded to nearest even (NOTE [explicit RNE in
   Triton]);
-* the only fused multiply-adds are the explicit ones (``lerp``); the launches
+* the only fused multiply-adds are the explicit ones (``tl.fma``); the launches
   turn implicit contraction off (``multi_tensor.LAUNCH_OPTIONS``) and the
   interpreter's ``tl.fma`` is made to round once (NOTE [fma under the
   interpreter]);
@@ -25,7 +25,10 @@ compiled (NOTE [interpreter cost of jit calls]).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import triton.language as tl
+from torch import Tensor
 
 from fastopt.triton_kernels.interpreter import device_fn
 from fastopt.triton_kernels.rounding import narrow
@@ -54,30 +57,43 @@ def bias_correction(beta, t):
     return 1.0 - tl.exp(t * tl.log(tl.maximum(beta, 1e-300)))
 
 
-@device_fn
-def grad_transform(grad_mul_ptr, grad_sign, max_grad_value, clip_coef_ptr):
-    """The gradient transform's fp32 scalars ``(grad_mul, max_grad_value, clip_coef)``;
-    ``clip_coef_ptr`` None: 1 (the norm pass, which computes that coefficient).
+class GradTransform(NamedTuple):
+    """The gradient transform's arguments, one tuple argument of every kernel (update_math.h's
+    GradTransform; NOTE [gradient transform]). Built on the host by
+    ``multi_tensor.grad_transform``; the device-side values are read by the kernel."""
 
-    ``maximize`` is always this sign folded into grad_mul (NOTE [gradient
-    transform]): clamping is odd and -1 exact, so it equals negating after.
-    """
-    grad_mul = tl.load(grad_mul_ptr) * tl.full([], grad_sign, tl.float32)
-    clip_coef = 1.0 if clip_coef_ptr is None else tl.load(clip_coef_ptr)
-    return grad_mul, tl.full([], max_grad_value, tl.float32), clip_coef
+    grad_mul_ptr: Tensor  # *fp32 0-dim: the gradient multiplier (loss-scale reciprocal); 1 if none
+    grad_sign: float  # fp32: -1.0 when maximize, else 1.0 (folded into grad_mul)
+    max_grad_value: float  # fp32: the value-clipping bound; +inf when off
+    clip_coef_ptr: Tensor  # *fp32 0-dim: the global-norm clip coefficient; 1 if none or folded
+
+
+# The GradTransform's triton.compile signature (multi_tensor.aot).
+GRAD_TRANSFORM_TYPES = GradTransform("*fp32", "fp32", "fp32", "*fp32")
+
+
+@device_fn
+def grad_scalars(transform):
+    """The transform's fp32 scalars ``(grad_mul, max_grad_value, clip_coef)``, read once
+    per program. ``maximize`` is always the sign folded into grad_mul: clamping is odd
+    and -1 exact, so it equals negating after."""
+    grad_mul = tl.load(transform.grad_mul_ptr) * tl.full([], transform.grad_sign, tl.float32)
+    max_grad_value = tl.full([], transform.max_grad_value, tl.float32)
+    return grad_mul, max_grad_value, tl.load(transform.clip_coef_ptr)
 
 
 # ---- per element ----------------------------------------------------------------
 
 
 @device_fn
-def transform_grad(g, transform):
-    """g * grad_mul, clamped to [-max_grad_value, max_grad_value], times clip_coef.
+def transform_grad(g, scalars):
+    """g * grad_mul, clamped to [-max_grad_value, max_grad_value], times clip_coef
+    (``scalars`` from ``grad_scalars``).
 
     The clamp is written with comparisons (not min/max, which drop NaN) so a
     NaN gradient stays NaN; +inf turns value clipping off.
     """
-    grad_mul, max_grad_value, clip_coef = transform
+    grad_mul, max_grad_value, clip_coef = scalars
     g = g * grad_mul
     g = tl.where(g > max_grad_value, max_grad_value, tl.where(g < -max_grad_value, -max_grad_value, g))
     return g * clip_coef
@@ -93,8 +109,8 @@ def lerp(a, b, w):
 
 @device_fn
 def second_moment(v, g, beta2, one_minus_beta2):
-    """v * beta2 + ((1 - beta2) * g) * g (torch's addcmul order)."""
-    return v * beta2 + (one_minus_beta2 * g) * g
+    """fma((1 - beta2) * g, g, v * beta2): torch's ``v.mul_(beta2).addcmul_(g, g, value=1 - beta2)``."""
+    return tl.fma(one_minus_beta2 * g, g, v * beta2)
 
 
 @device_fn

@@ -7,9 +7,7 @@ Same layout as adamw.py: launcher ``lion_``, kernel ``_lion_kernel``, block
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
-from torch import Tensor
 
 from fastopt.triton_kernels import elementwise as em
 from fastopt.triton_kernels import multi_tensor as mt
@@ -19,24 +17,11 @@ from fastopt.triton_kernels.interpreter import device_fn
 EXP_AVG = mt.FIRST_STATE
 
 
-def lion_(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    master_params: list[Tensor],
-    *,
-    lr: float,
-    lr_tensor: Tensor | None,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    maximize: bool,
-    grad_mul: Tensor | None,
-    max_grad_value: float | None,
-    clip_coef: Tensor | None,
-    skip: Tensor | None,
-) -> None:
-    r"""In-place Lion over contiguous tensors of one device, param dtype and grad dtype:
+def lion_(params, grads, exp_avgs, master_params, *,
+          lr, lr_tensor, beta1, beta2, weight_decay, maximize, grad_mul, max_grad_value, clip_coef,
+          skip) -> None:  # fmt: skip
+    r"""In-place Lion over contiguous tensors of one device, param dtype and grad dtype
+    (the op's signature, csrc/ops.cpp; arguments in fastopt/functional.py):
 
     .. math::
         c = \mathrm{lerp}(m, g, 1-\beta_1);\quad
@@ -50,56 +35,42 @@ def lion_(
         return
     state_dtype = torch.float32 if master_params else params[0].dtype
     table = mt.update_table(params, grads, master_params, [(exp_avgs, state_dtype)])
+    shared = mt.update_args(params[0].device, lr, lr_tensor, maximize, grad_mul, max_grad_value,
+                            clip_coef, skip)  # fmt: skip
     mt.launch(
-        _lion_kernel, table,
-        **mt.update_args(params[0].device, lr=lr, lr_tensor=lr_tensor, maximize=maximize,
-                         grad_mul=grad_mul, max_grad_value=max_grad_value, clip_coef=clip_coef,
-                         skip=skip),
+        _lion_kernel, table, **shared,
         beta1=beta1, beta2=beta2, weight_decay=weight_decay,
         P_DTYPE=mt.TL_DTYPE[params[0].dtype], G_DTYPE=mt.TL_DTYPE[grads[0].dtype],
         MASTER=bool(master_params),
     )  # fmt: skip
 
 
-@triton.jit(
-    do_not_specialize_on_alignment=[
-        "chunks_ptr",
-        "rows_ptr",
-        "lr_ptr",
-        "grad_mul_ptr",
-        "clip_coef_ptr",
-        "skip_ptr",
-    ]
-)
+@mt.kernel
 def _lion_kernel(
     chunks_ptr,  # *i64 [n_chunks]: one chunk entry per program (NOTE [triton multi-tensor])
     rows_ptr,  # *i64 [n_tensors, ROW_WIDTH]: numel, (unused), &param, &grad, &master, &exp_avg
     lr: tl.float64,  # times *lr_ptr: the learning rate
     lr_ptr,  # *fp32 0-dim: lr_tensor, or 1.0 when lr is a float
+    transform,  # elementwise.GradTransform: the gradient transform's arguments
+    skip_ptr,  # *fp32 0-dim: non-zero means write nothing
     beta1: tl.float64,  # 1 - beta1 is the lerp weight of the update direction c
     beta2: tl.float64,  # 1 - beta2 is the lerp weight of the momentum
     weight_decay: tl.float64,
-    grad_mul_ptr,  # *fp32 0-dim: gradient multiplier (NOTE [gradient transform])
-    grad_sign: tl.float32,  # -1.0 when maximize, else 1.0: folded into grad_mul
-    max_grad_value: tl.float32,  # value-clipping bound; +inf when off
-    clip_coef_ptr,  # *fp32 0-dim: global-norm clip coefficient
-    skip_ptr,  # *fp32 0-dim: non-zero means write nothing
     P_DTYPE: tl.constexpr,  # storage dtype of params (and of exp_avg unless MASTER)
     G_DTYPE: tl.constexpr,  # storage dtype of grads: P_DTYPE, or fp32 for bf16/fp16 params
     MASTER: tl.constexpr,  # fp32 master and exp_avg; param written as the rounded master
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned (NOTE [triton multi-tensor])
 ):
     if tl.load(skip_ptr) == 0.0:
-        row, start, n = mt.locate_chunk(chunks_ptr, rows_ptr)
-        S_DTYPE: tl.constexpr = tl.float32 if MASTER else P_DTYPE
-        p_ptr, g_ptr, w_ptr = mt.weight_ptrs(row, P_DTYPE, G_DTYPE, MASTER, ALIGNED)
-        m_ptr = mt.array_ptr(row, EXP_AVG, S_DTYPE, ALIGNED)
+        row, start, n, weights = mt.update_prologue(
+            chunks_ptr, rows_ptr, P_DTYPE, G_DTYPE, MASTER, ALIGNED
+        )
+        m_ptr = mt.array_ptr(row, EXP_AVG, tl.float32 if MASTER else P_DTYPE, ALIGNED)
         coeffs = _lion_coeffs(
             em.learning_rate(lr, lr_ptr), em.f64(beta1), em.f64(beta2), em.f64(weight_decay)
         )
-        transform = em.grad_transform(grad_mul_ptr, grad_sign, max_grad_value, clip_coef_ptr)
-        ptrs = (p_ptr, g_ptr, w_ptr, m_ptr)
-        mt.for_each_block(_lion_block, (ptrs, coeffs, transform, MASTER), start, n)
+        args = (weights, m_ptr, coeffs, em.grad_scalars(transform), MASTER)
+        mt.for_each_block(_lion_block, args, start, n)
 
 
 @device_fn
@@ -116,8 +87,7 @@ def _lion_coeffs(lr, beta1, beta2, weight_decay):
 @device_fn
 def _lion_block(args, offs, mask):
     """One block of Lion (update_math.h's lion_element)."""
-    ptrs, coeffs, transform, MASTER = args
-    p_ptr, g_ptr, w_ptr, m_ptr = ptrs
+    (p_ptr, g_ptr, w_ptr), m_ptr, coeffs, transform, MASTER = args
     lr, one_minus_beta1, one_minus_beta2, decay = coeffs
     g = em.transform_grad(em.load(g_ptr, offs, mask), transform)
     w = em.load(w_ptr, offs, mask)

@@ -39,14 +39,17 @@ pointers, not flat buffers:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastopt.triton_kernels.elementwise import GradTransform
 from fastopt.triton_kernels.interpreter import device_fn, interpreting
 
 # Elements per program. 8192 fp32 AdamW elements move ~224 KB per program:
@@ -96,6 +99,19 @@ _CACHE_SIZE = 64
 # ---- device side: the table walk and the chunk loop every kernel shares -------
 
 
+def kernel(fn):
+    """``triton.jit`` for a fastopt kernel. No pointer or tuple argument is specialised
+    on its alignment: the arrays' alignment is the ALIGNED constexpr (the pointers
+    passed are only tables and scalars), so the specialisations are exactly
+    those ``aot.specialisations`` lists. Scalars carry type annotations."""
+    names = [
+        name
+        for name, param in inspect.signature(fn).parameters.items()
+        if param.annotation is inspect.Parameter.empty
+    ]
+    return triton.jit(fn, do_not_specialize_on_alignment=names)
+
+
 @device_fn
 def locate_chunk(chunks_ptr, rows_ptr):
     """This program's chunk: (its tensor's row, the chunk's first element, the tensor's numel)."""
@@ -116,15 +132,23 @@ def array_ptr(row, SLOT: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexp
 
 
 @device_fn
-def weight_ptrs(
-    row, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MASTER: tl.constexpr, ALIGNED: tl.constexpr
+def update_prologue(
+    chunks_ptr,
+    rows_ptr,
+    P_DTYPE: tl.constexpr,
+    G_DTYPE: tl.constexpr,
+    MASTER: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    """(param, grad, weight) pointers of an update: the weight the update runs on is
-    the fp32 master with master weights, else the param itself."""
+    """What every update program does first: ``(row, start, n, (p_ptr, g_ptr, w_ptr))``,
+    its chunk (``locate_chunk``) and its tensor's param, grad and weight pointers.
+    The weight the update runs on is the fp32 master with master weights, else
+    the param itself."""
+    row, start, n = locate_chunk(chunks_ptr, rows_ptr)
     p_ptr = array_ptr(row, PARAM, P_DTYPE, ALIGNED)
     g_ptr = array_ptr(row, GRAD, G_DTYPE, ALIGNED)
     w_ptr = array_ptr(row, MASTER_PARAM, tl.float32, ALIGNED) if MASTER else p_ptr
-    return p_ptr, g_ptr, w_ptr
+    return row, start, n, (p_ptr, g_ptr, w_ptr)
 
 
 @device_fn
@@ -314,31 +338,35 @@ def scalar_tensor(x: Tensor | None, default: float, device: torch.device) -> Ten
     return x.detach().reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
 
 
-def update_args(
+def grad_transform(
     device: torch.device,
-    *,
-    lr: float,
-    lr_tensor: Tensor | None,
-    maximize: bool,
     grad_mul: Tensor | None,
     max_grad_value: float | None,
-    clip_coef: Tensor | None,
-    skip: Tensor | None,
+    clip_coef: Tensor | None = None,
+    maximize: bool = False,
+) -> GradTransform:
+    """The kernels' GradTransform argument (NOTE [gradient transform]); no sync."""
+    return GradTransform(
+        grad_mul_ptr=scalar_tensor(grad_mul, 1.0, device),
+        grad_sign=-1.0 if maximize else 1.0,
+        max_grad_value=math.inf if max_grad_value is None else float(max_grad_value),
+        clip_coef_ptr=scalar_tensor(clip_coef, 1.0, device),
+    )
+
+
+def update_args(
+    device: torch.device, lr, lr_tensor, maximize, grad_mul, max_grad_value, clip_coef, skip
 ) -> dict:
     """The kernel arguments every update launch shares, by kernel parameter name.
 
     The kernel forms lr = ``lr * *lr_ptr`` in fp64 (a float lr times 1.0, or
     1.0 times a device-side lr_tensor) and reads the gradient transform's
-    scalars and the skip flag on the device (NOTE [gradient transform]);
-    nothing here synchronises.
+    scalars and the skip flag on the device; nothing here synchronises.
     """
     return dict(
         lr=1.0 if lr_tensor is not None else float(lr),
         lr_ptr=scalar_tensor(lr_tensor, 1.0, device),
-        grad_mul_ptr=scalar_tensor(grad_mul, 1.0, device),
-        grad_sign=-1.0 if maximize else 1.0,
-        max_grad_value=math.inf if max_grad_value is None else float(max_grad_value),
-        clip_coef_ptr=scalar_tensor(clip_coef, 1.0, device),
+        transform=grad_transform(device, grad_mul, max_grad_value, clip_coef, maximize),
         skip_ptr=scalar_tensor(skip, 0.0, device),
     )
 

@@ -7,10 +7,7 @@ reduction. No atomics, so the result is deterministic run to run.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
@@ -38,31 +35,27 @@ def grad_sumsq(
     if table.n_chunks == 0:
         return torch.zeros((), dtype=torch.float32, device=device)
     partials = torch.empty(table.n_chunks, dtype=torch.float32, device=device)
+    # The update's transform up to the norm's own clip coefficient (SPEC §3 order).
+    transform = mt.grad_transform(device, grad_mul, max_grad_value)
     mt.launch(
-        _sumsq_kernel, table,
-        partials_ptr=partials,
-        grad_mul_ptr=mt.scalar_tensor(grad_mul, 1.0, device),
-        max_grad_value=math.inf if max_grad_value is None else float(max_grad_value),
+        _sumsq_kernel, table, partials_ptr=partials, transform=transform,
         G_DTYPE=mt.TL_DTYPE[grads[0].dtype],
     )  # fmt: skip
     return partials.sum(dtype=torch.float64).float()
 
 
-@triton.jit(do_not_specialize_on_alignment=["chunks_ptr", "rows_ptr", "partials_ptr", "grad_mul_ptr"])
+@mt.kernel
 def _sumsq_kernel(
     chunks_ptr,  # *i64 [n_chunks]: one chunk entry per program (NOTE [triton multi-tensor])
     rows_ptr,  # *i64 [n_tensors, ROW_WIDTH]: numel, (unused), &grad
     partials_ptr,  # *fp32 [n_chunks]: this program's sum of squares
-    grad_mul_ptr,  # *fp32 0-dim: gradient multiplier (the loss-scale reciprocal)
-    max_grad_value: tl.float32,  # value-clipping bound; +inf when off
+    transform,  # elementwise.GradTransform: grad_mul and max_grad_value (sign and clip_coef 1)
     G_DTYPE: tl.constexpr,  # storage dtype of the gradients
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned
 ):
     row, start, n = mt.locate_chunk(chunks_ptr, rows_ptr)
     g_ptr = mt.array_ptr(row, GRAD, G_DTYPE, ALIGNED)
-    # The update's transform up to the norm's own clip coefficient (SPEC §3 order).
-    transform = em.grad_transform(grad_mul_ptr, 1.0, max_grad_value, None)
-    acc = mt.for_each_block(_sumsq_block, (g_ptr, transform), start, n)
+    acc = mt.for_each_block(_sumsq_block, (g_ptr, em.grad_scalars(transform)), start, n)
     tl.store(partials_ptr + tl.program_id(0), tl.sum(acc, axis=0))
 
 

@@ -1,10 +1,11 @@
 // CPU op entries of the fastopt ops (schemas and conventions: csrc/ops.cpp).
 //
-// Each entry checks its arguments, reads the 0-dim scalars (lr_tensor,
-// grad_mul, clip_coef, skip) on the host once, packs one params struct
-// (addresses and per-tensor coefficients, and the chunk plan of NOTE
-// [multi-tensor chunking]), picks the kernel instantiation of this call's
-// storage types and flags, and runs it in one parallel region. The kernels are
+// Each entry checks its arguments (csrc/op_checks.h, shared with the CUDA
+// entries), reads the 0-dim scalars (lr_tensor, grad_mul, clip_coef, skip) on
+// the host once, packs one params struct (addresses and per-tensor
+// coefficients, and the chunk plan of NOTE [multi-tensor chunking]), picks the
+// kernel instantiation of this call's storage types and flags, and runs it in
+// one parallel region. The kernels are
 // in csrc/cpu/kernels.h, the arithmetic in fastopt/update_math.h. Every check
 // comes before the first write, so a call that fails writes nothing. A step
 // allocates O(number of tensors) bookkeeping and nothing proportional to the
@@ -69,8 +70,11 @@ std::vector<int64_t> numels_of(TensorList tensors) {
 
 // ---- running a kernel ---------------------------------------------------------------
 
-// at::parallel_for is an inline OpenMP region: an extension compiled without
-// -fopenmp silently runs it on one thread.
+// NOTE [one parallel region]: each op runs its kernel in one at::parallel_for
+// over all chunks. Chunks are equal-sized (NOTE [multi-tensor chunking]), so
+// at::parallel_for's static split into one contiguous range per thread is
+// balanced. at::parallel_for is an inline OpenMP region: an extension compiled
+// without -fopenmp silently runs it on one thread.
 #ifndef _OPENMP
 #pragma message("fastopt: compiled without -fopenmp; the CPU kernels will run on one thread")
 #endif
@@ -98,17 +102,6 @@ auto pick_kernel(const UpdateLists& l, Pick&& pick) {
     default:  // float32 (check_update_lists allows nothing else)
       return pick.template operator()<float, float, false>();
   }
-}
-
-// One parallel region over all chunks. Chunks are equal-sized (NOTE
-// [multi-tensor chunking]), so at::parallel_for's static split into one
-// contiguous range per thread is balanced.
-template <typename Params>
-void run(void (*kernel)(const Params&, int64_t, int64_t), const Params& params,
-         const ChunkPlan& plan) {
-  if (plan.num_chunks() == 0) return;
-  at::parallel_for(0, plan.num_chunks(), 1,
-                   [&](int64_t begin, int64_t end) { kernel(params, begin, end); });
 }
 
 template <typename T>
@@ -161,12 +154,12 @@ void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
   }
   const ChunkPlan plan(numels_of(params));
   const AdamWParams p{tensors.data(), plan.view(), s.transform};
-  run(pick_kernel(l,
-                  [&]<typename P, typename G, bool MASTER>() {
-                    return amsgrad ? &adamw_kernel<P, G, MASTER, true>
-                                   : &adamw_kernel<P, G, MASTER, false>;
-                  }),
-      p, plan);
+  const auto kernel = pick_kernel(l, [&]<typename P, typename G, bool MASTER>() {
+    return amsgrad ? &adamw_kernel<P, G, MASTER, true> : &adamw_kernel<P, G, MASTER, false>;
+  });
+  at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t begin, int64_t end) {
+    kernel(p, begin, end);  // NOTE [one parallel region]
+  });
 }
 
 void lion_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
@@ -190,10 +183,11 @@ void lion_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
   const ChunkPlan plan(numels_of(params));
   const LionParams p{tensors.data(), plan.view(), s.transform,
                      lion_coeffs(s.lr, beta1, beta2, weight_decay)};
-  run(pick_kernel(l, [&]<typename P, typename G, bool MASTER>() {
-        return &lion_kernel<P, G, MASTER>;
-      }),
-      p, plan);
+  const auto kernel = pick_kernel(
+      l, [&]<typename P, typename G, bool MASTER>() { return &lion_kernel<P, G, MASTER>; });
+  at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t begin, int64_t end) {
+    kernel(p, begin, end);  // NOTE [one parallel region]
+  });
 }
 
 void ademamix_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
@@ -233,10 +227,11 @@ void ademamix_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
   }
   const ChunkPlan plan(numels_of(params));
   const AdEMAMixParams p{tensors.data(), plan.view(), s.transform};
-  run(pick_kernel(l, [&]<typename P, typename G, bool MASTER>() {
-        return &ademamix_kernel<P, G, MASTER>;
-      }),
-      p, plan);
+  const auto kernel = pick_kernel(
+      l, [&]<typename P, typename G, bool MASTER>() { return &ademamix_kernel<P, G, MASTER>; });
+  at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t begin, int64_t end) {
+    kernel(p, begin, end);  // NOTE [one parallel region]
+  });
 }
 
 Tensor grad_sumsq_cpu(TensorList grads, const std::optional<Tensor>& grad_mul,
@@ -281,7 +276,9 @@ Tensor grad_sumsq_cpu(TensorList grads, const std::optional<Tensor>& grad_mul,
   p.dtypes = dtypes.data();
   p.chunks = plan.view();
   p.partials = partials.data();
-  run(&grad_sumsq_kernel, p, plan);
+  at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t begin, int64_t end) {
+    grad_sumsq_kernel(p, begin, end);  // NOTE [one parallel region]
+  });
   // Chunk order, not thread order: the same sum whatever the thread count.
   double total = 0.0;
   for (double partial : partials) total += partial;
