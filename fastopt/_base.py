@@ -106,10 +106,13 @@ def add_to_steps(bucket: Bucket, value: float | Tensor) -> None:
     parameter. On the CPU torch._foreach_add_ over thousands of them dispatches
     once per tensor, which costs more than a fused update of small tensors; the
     compiled ``steps_add_`` op adds to them in one C++ loop instead."""
-    if isinstance(value, float) and bucket.steps[0].is_cpu and bucket.backend == "cpu":
-        backends.resolve("cpu", bucket.steps[0].device).steps_add_(bucket.steps, value)
-    else:
-        torch._foreach_add_(bucket.steps, value)
+    if isinstance(value, float) and bucket.steps[0].is_cpu and bucket.backend in ("cpu", "auto"):
+        # "auto" on the CPU is the cpu backend where it is built (the reference has no op)
+        impl = backends.resolve(bucket.backend, bucket.steps[0].device)
+        if hasattr(impl, "steps_add_"):
+            impl.steps_add_(bucket.steps, value)
+            return
+    torch._foreach_add_(bucket.steps, value)
 
 
 class FusedOptimizer(torch.optim.Optimizer):

@@ -44,8 +44,8 @@ _GRAD = attrgetter("grad")
 class Bucket:
     """The tensors of one param group that share a device, dtypes and layout class."""
 
-    __slots__ = ("backend", "params", "grads", "states", "held", "steps", "indices",
-                 "state_dicts", "grad_dtype", "dense", "domain", "sharded")
+    __slots__ = ("backend", "params", "originals", "grads", "states", "held", "steps",
+                 "indices", "state_dicts", "grad_dtype", "dense", "domain", "sharded")
 
     def __init__(self, backend: str, grad_dtype: torch.dtype, dense: bool, domain) -> None:
         self.backend = backend  # the name handed to fastopt.functional
@@ -54,6 +54,7 @@ class Bucket:
         self.domain = domain  # NOTE [global norm over shards]
         self.sharded = domain is not None and domain[0] == "mesh"  # DTensor parameters
         self.params: list[Tensor] = []  # local tensors (NOTE [DTensor parameters])
+        self.originals: list[Tensor] = []  # the parameters themselves: keys of optimizer.state
         self.grads: list[Tensor] = []
         self.states: dict[str, list[Tensor]] = defaultdict(list)  # what the kernels get
         self.held: dict[str, list[Tensor]] = defaultdict(list)  # the objects in the state dicts
@@ -76,6 +77,8 @@ class Bucket:
             if not all(map(_distributed.is_dtensor, gl)):
                 return False
             gl = list(map(_LOCAL, gl))
+            if not all(map(is_, map(_LOCAL, self.originals), self.params)):
+                return False
         try:
             # parameters too: `p.data = <non-contiguous>` must leave the fast path
             if self.dense and not all(map(Tensor.is_contiguous, chain(gl, self.params))):
@@ -87,7 +90,7 @@ class Bucket:
         # (a sparse grad already failed is_contiguous above for a dense bucket)
         if not self.dense and any(map(_IS_SPARSE, gl)):
             return False
-        if not all(map(is_, map(optimizer_state.get, self.params), self.state_dicts)):
+        if not all(map(is_, map(optimizer_state.get, self.originals), self.state_dicts)):
             return False
         for key, tensors in self.held.items():
             if not all(map(is_, map(methodcaller("get", key), self.state_dicts), tensors)):
@@ -181,6 +184,7 @@ def _build(optimizer, gi: int, group: dict[str, Any], grads: list[Tensor | None]
             backends.resolve(backend, p.device, tensors[0].dtype, tensors[1].dtype)  # fail early
             bucket = buckets[key] = Bucket(backend, tensors[1].dtype, dense, domain)
         bucket.params.append(tensors[0])
+        bucket.originals.append(p)
         bucket.grads.append(tensors[1])
         names = keys + (("master_param",) if master is not None else ())
         for k, t, h in zip(names, tensors[2:], held):

@@ -135,7 +135,9 @@ def _loop(
     rank = dist.get_rank() if dist.is_initialized() else 0
     named = {n.removeprefix("module."): p for n, p in model.named_parameters()}  # DDP's prefix
     core = core or (lambda: opt)
-    out: dict[str, Any] = {"norms": [], "torch_norms": [], "grads": [], "scales": [], "lrs": []}
+    out: dict[str, Any] = {
+        "norms": [], "torch_norms": [], "grads": [], "scales": [], "lrs": [], "cache_entries": [],
+    }  # fmt: skip
     rows = slice(dp_index * BATCH // dp_size, (dp_index + 1) * BATCH // dp_size)
     for s in steps:
         x, y = batch(s, dtype)
@@ -154,6 +156,8 @@ def _loop(
             out["scales"].append(float(scaler.get_scale()))
         if before is not None:
             out["unchanged_bitwise"] = _bitwise_equal(before, _local_snapshot(core()))
+        gatherer = core().__dict__.get("_gatherer")  # NOTE [gather cache] in fastopt/_gather.py
+        out["cache_entries"].append(None if gatherer is None else id(gatherer._cache.get(0)))
         norm = core().last_grad_norm
         out["norms"].append(None if norm is None else float(full(norm)))
         if torch_norms:
@@ -227,6 +231,8 @@ def _summary(opt, out: dict[str, Any], model=None, core=None) -> dict[str, Any]:
         skipped=core.skipped_steps, applied=core.applied_steps,
         scales=out["scales"], lrs=out["lrs"], norms=out["norms"], torch_norms=out["torch_norms"],
         unchanged_bitwise=out.get("unchanged_bitwise"),
+        # how many different gather-cache entries the steps used (1: never rebuilt)
+        gather_builds=len(set(out["cache_entries"])),
     )  # fmt: skip
     if model is not None:
         gathered = _full_params_and_state(model, core)
@@ -312,6 +318,7 @@ def fsdp_train(
     )  # fmt: skip
     res = _summary(opt, out, net)
     res["state_dict_check"] = _check_state_dict(net, opt)
+    res["local_numel"] = {n: local(p).numel() for n, p in net.named_parameters()}
     if res["rank"] == 0:
         res["init"] = init
     return res

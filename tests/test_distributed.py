@@ -147,6 +147,12 @@ def test_fsdp2_matches_single_process(pool, recipe):
         # (with a scaler .grad holds scaled gradients; with value clipping N is
         # the norm of the clamped ones).
         assert r0["norms"] == pytest.approx(r0["torch_norms"], rel=1e-6)
+    # the gatherer's buckets were built once and kept (NOTE [gather cache])
+    assert all(r["gather_builds"] == 1 for r in results)
+    # the shards really are uneven, and empty on some ranks
+    numels = [r["local_numel"] for r in results]
+    assert len({n["fc1.weight"] for n in numels}) > 1
+    assert any(n["head.weight"] == 0 for n in numels)
     check = r0["state_dict_check"]
     assert check["keys"] == ["param_groups", "state"]
     assert check["mismatches"] == []
@@ -330,7 +336,7 @@ def test_zero_consolidate_resume_and_schedule(pool, tmp_path):
     """ZeRO with fastopt.schedules.warmup_decay on the wrapper: the lr follows the
     applied steps (a skipped step does not advance it); after consolidate_state_dict
     and a load into a fresh ZeRO, applied_steps / skipped_steps are back on every
-    rank and the run continues bitwise as the uninterrupted one."""
+    rank and the run continues as the uninterrupted one."""
     path = str(tmp_path / "zero.pt")
     inject = dict(NAN_AT_2, rank="owner")
     results, ref = run_and_compare(
@@ -347,5 +353,8 @@ def test_zero_consolidate_resume_and_schedule(pool, tmp_path):
         assert r["loaded"] == dict(applied=4, skipped=1), r["rank"]
         assert (r["applied"], r["skipped"]) == (9, 1)
         assert r["lrs"] == lrs[5:]
-    for name, p in results[0]["params"].items():
-        assert torch.equal(resumed[0]["params"][name], p), name
+    # Within float32 tolerance, not bitwise: the fresh DDP's first backward reduces
+    # through its initial gradient buckets, the uninterrupted one's through the
+    # rebuilt ones, and gloo's sums of differently cut buckets round differently.
+    assert_params_close(resumed[0]["params"], results[0]["params"], **FP32)
+    assert_params_close(resumed[0]["params"], ref["params"], **FP32)

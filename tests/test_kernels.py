@@ -25,6 +25,7 @@ The interpreted row runs the core of the table on smaller tensors (its cost is
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, replace
@@ -103,7 +104,8 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.clamp(spacing, min=info.smallest_normal * info.eps)
 
 
-def assert_within_budget(got, want, scale, steps, what, oracle="reference", exclude=None):
+def assert_within_budget(got, want, scale, steps, what, oracle="reference", exclude=None,
+                         where=None):
     """``got`` (tested storage) against ``want`` (the oracle's value) within
     ``BUDGET[oracle]`` ulps per step at ``scale`` (NOTE [kernel tolerances])."""
     got = got.detach().cpu()
@@ -120,9 +122,11 @@ def assert_within_budget(got, want, scale, steps, what, oracle="reference", excl
     if not bool(ok.all()):
         bad = (~ok).nonzero().flatten()
         worst = bad[((g - w).abs() / unit)[bad].nan_to_num(float("inf")).argmax()]
+        if where is not None:  # a flat list: name the tensor
+            what = f"{what}[{int(where[worst])}]"
         raise AssertionError(
             f"{what}: {bad.numel()} of {g.numel()} elements beyond {n_ulps} ulp(s) of "
-            f"{str(got.dtype)[6:]} after {steps} step(s); worst at {int(worst)}: got "
+            f"{str(got.dtype)[6:]} after {steps} step(s); worst at flat {int(worst)}: got "
             f"{g[worst].item()!r}, want {w[worst].item()!r} "
             f"({((g - w).abs() / unit)[worst].item():.3g} ulps at scale {scale[worst].item():.3g})"
         )
@@ -405,6 +409,19 @@ def float64_oracle(s):
     return out
 
 
+@contextlib.contextmanager
+def oracle_threads():
+    """The oracle runs on one thread: elementwise, so the values are the same, but with
+    two threads torch's fp32 sqrt of a small tensor costs ~0.4 ms instead of ~8 us,
+    which made the 2000-tensor cases 10x slower (torch 2.14, this machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def transform_args(case: Case, skip=None) -> dict:
     tr = TRANSFORMS[case.transform]
 
@@ -449,23 +466,27 @@ def transformed_grad64(case: Case, g: torch.Tensor) -> torch.Tensor:
     return -g if tr.get("maximize") else g
 
 
-def lion_ambiguous(case: Case, got, want) -> list[torch.Tensor]:
-    """Per tensor: where sign(lerp(m, g, 1 - beta1)) is not determined by the inputs."""
-    w = 1 - dict(case.hyper).get("beta1", case.hp["betas"][0])
-    out = []
-    for mg, mw, g in zip(got["exp_avgs"], want["exp_avgs"], want["grads"]):
-        g = transformed_grad64(case, g)
-        mg, mw = mg.detach().cpu().double(), mw.double()
-        cg, cw = mg + w * (g - mg), mw + w * (g - mw)
-        tiny = cw.abs() <= LION_C_RELATIVE_ZERO * (mw.abs() + g.abs())
-        out.append(tiny | ((cg > 0) != (cw > 0)) | ((cg < 0) != (cw < 0)))
-    return out
+def flat(ts, dtype=F64) -> torch.Tensor:
+    """One CPU vector of a list of tensors (the table compares whole lists at once)."""
+    if not ts:
+        return torch.zeros(0, dtype=dtype)
+    return torch.cat([t.detach().reshape(-1).to("cpu", dtype) for t in ts])
+
+
+def lion_ambiguous(case: Case, got, want) -> torch.Tensor:
+    """Where sign(lerp(m, g, 1 - beta1)) is not determined by the inputs (flat)."""
+    w = 1 - case.hp.get("beta1", case.hp["betas"][0])
+    g = transformed_grad64(case, flat(want["grads"]))
+    mg, mw = flat(got["exp_avgs"]), flat(want["exp_avgs"])
+    cg, cw = mg + w * (g - mg), mw + w * (g - mw)
+    tiny = cw.abs() <= LION_C_RELATIVE_ZERO * (mw.abs() + g.abs())
+    return tiny | ((cg > 0) != (cw > 0)) | ((cg < 0) != (cw < 0))
 
 
 # ---- the table ----------------------------------------------------------------------------
 
-COMPARED = ("params", "master_params", "exp_avgs", "exp_avgs_slow", "exp_avg_sqs",
-            "max_exp_avg_sqs")  # fmt: skip
+COMPARED = ("exp_avgs", "exp_avgs_slow", "exp_avg_sqs", "max_exp_avg_sqs", "params",
+            "master_params")  # fmt: skip  (moments first: the weights' scale uses theirs)
 
 
 def _oracle_list(want, key):
@@ -482,10 +503,12 @@ def test_kernel_matches_reference(row: Row, case: Case):
         got, want = to_device(base, "cpu"), float64_oracle(base)
     else:
         got, want = to_device(base, row.device), to_device(base, "cpu")
+    oracle = "float64" if row.name == "reference" else "reference"
     lion = case.hp["op"] == "lion"
-    n_elems = sum(p.numel() for p in base["params"])
-    scales: dict[tuple, torch.Tensor] = {}
-    excluded = [torch.zeros(p.numel(), dtype=torch.bool) for p in base["params"]]
+    sizes = [p.numel() for p in base["params"]]
+    where = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    scales: dict[str, torch.Tensor] = {}
+    excluded = torch.zeros(sum(sizes), dtype=torch.bool)
     for step in range(1, case.steps + 1):
         grads = draw_grads(case, base, step)
         for side, device in ((got, row.device), (want, "cpu")):
@@ -495,52 +518,49 @@ def test_kernel_matches_reference(row: Row, case: Case):
             for t in side["steps"]:
                 t.add_(1)
         if lion:
-            for i, amb in enumerate(lion_ambiguous(case, got, want)):
-                excluded[i] |= amb
-            n_excluded = sum(int(e.sum()) for e in excluded)
-            assert n_excluded <= max(2, LION_AMBIGUOUS_MAX * n_elems), (
-                f"{n_excluded} of {n_elems} Lion elements have an ill-posed sign: the case "
-                "no longer tests the parameters"
+            excluded |= lion_ambiguous(case, got, want)
+            assert int(excluded.sum()) <= max(2, LION_AMBIGUOUS_MAX * excluded.numel()), (
+                f"{int(excluded.sum())} of {excluded.numel()} Lion elements have an ill-posed "
+                "sign: the case no longer tests the parameters"
             )
-        before = {k: [t.detach().to("cpu", F64, copy=True) for t in _oracle_list(want, k)]
-                  for k in COMPARED if got.get(k)}  # fmt: skip
-        call(row.backend, case, got)
-        call("reference", case, want)
-        for key in before:  # moments first: the weights' scale uses theirs
-            for i, e in enumerate(_oracle_list(want, key)):
-                s = before[key][i].abs() + e.double().abs()
-                scales[key, i] = torch.maximum(scales.get((key, i), s), s)
-        for i in range(len(base["params"])):
-            u = update_scale(case, want, scales, i)
-            scales["update", i] = torch.maximum(scales.get(("update", i), u), u)
-        oracle = "float64" if row.name == "reference" else "reference"
-        for key in before:
+        keys = [k for k in COMPARED if got.get(k)]
+        before = {k: flat(_oracle_list(want, k)) for k in keys}
+        with oracle_threads() if row.name == "reference" else contextlib.nullcontext():
+            call(row.backend, case, got)
+        with oracle_threads():
+            call("reference", case, want)
+        after = {k: flat(_oracle_list(want, k)) for k in keys}
+        for key in keys:
+            s = before[key].abs() + after[key].abs()
+            scales[key] = torch.maximum(scales.get(key, s), s)
+            if key in ("params", "master_params"):
+                u = update_scale(case, want, scales, where)
+                scales["update"] = torch.maximum(scales.get("update", u), u)
             weight = key in ("params", "master_params")
-            for i, (a, e) in enumerate(zip(got[key], _oracle_list(want, key), strict=True)):
-                scale = scales[key, i] + scales["update", i] if weight else scales[key, i]
-                assert_within_budget(
-                    a, e, scale, step, f"{row.name} {case.id} step {step} {key}[{i}] "
-                    f"(n={a.numel()})", oracle, excluded[i] if lion and weight else None,
-                )  # fmt: skip
+            dtype = got[key][0].dtype
+            assert_within_budget(
+                flat(got[key], dtype), after[key], scales[key] + scales["update"] if weight
+                else scales[key], step, f"{row.name} {case.id} step {step} {key}", oracle,
+                excluded if lion and weight else None, where=where,
+            )  # fmt: skip
         for i, (p, m) in enumerate(zip(got["params"], got["master_params"])):
             assert_param_is_rne_of_master(p, m, f"{row.name} {case.id} step {step} params[{i}]")
         if case.nonfinite:
             _check_nonfinite_positions(case, want, grads, step)
 
 
-def update_scale(case: Case, want, scales, i: int) -> torch.Tensor:
-    """U of NOTE [kernel tolerances]: the update on the moments' scales, in float64."""
+def update_scale(case: Case, want, scales, where) -> torch.Tensor:
+    """U of NOTE [kernel tolerances]: the update on the moments' scales, in float64 (flat)."""
     hp = case.hp
-    n = want["params"][i].numel()
-    if hp["op"] == "lion" or n == 0:
-        return torch.zeros(n, dtype=F64)
-    t = float(want["steps"][i])
+    if hp["op"] == "lion":
+        return torch.zeros(where.numel(), dtype=F64)
+    t = torch.tensor([float(s) for s in want["steps"]], dtype=F64)[where]
     b1, b2 = hp.get("beta1", hp["betas"][0]), hp["betas"][1]
-    v = want["max_exp_avg_sqs" if hp.get("amsgrad") else "exp_avg_sqs"][i].double()
-    denom = v.sqrt() / math.sqrt(1 - b2**t) + hp["eps"]
-    num = scales["exp_avgs", i] / (1 - b1**t)
+    v = flat(want["max_exp_avg_sqs" if hp.get("amsgrad") else "exp_avg_sqs"])
+    denom = v.sqrt() / (1 - b2**t).sqrt() + hp["eps"]
+    num = scales["exp_avgs"] / (1 - b1**t)
     if hp["op"] == "ademamix":
-        num = num + hp["alpha"] * scales["exp_avgs_slow", i]
+        num = num + hp["alpha"] * scales["exp_avgs_slow"]
     return (hp["lr"] * num / denom).nan_to_num(nan=0.0)
 
 

@@ -7,7 +7,9 @@ interpreter bypasses the compiler), one per architecture, in parallel, with a
 fresh Triton cache so every kernel is really compiled. Checked per
 specialisation: it builds, no local memory in the PTX and 0 bytes of spills
 in ptxas's report; aligned specialisations use vector global loads, 128-bit
-(``ld.global.v4``) wherever an fp32 array is read.
+(``ld.global.v4``) wherever an fp32 array is read; and the only fp32 fmas are
+the ones the formulas write (implicit contraction is off, NOTE [one formula per
+quantity]).
 """
 
 import json
@@ -70,6 +72,7 @@ def reads_fp32(label: str) -> bool:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_specialisation_compiles_without_spills(compiled, arch):
     expected = [label for label, *_ in aot.specialisations()]
+    assert {label.split()[0] for label in expected} == set(aot.EXPLICIT_FMAS)
     rows = compiled[arch]
     assert [r["label"] for r in rows] == expected
     for r in rows:
@@ -92,3 +95,14 @@ def test_aligned_paths_use_vector_loads(compiled, arch):
         r for r in compiled[arch] if r["label"].startswith("adamw p=fp32 g=fp32") and r["aligned"]
     )
     assert fp32_adamw["v4_loads"] >= 4 and fp32_adamw["v4_stores"] >= 3, fp32_adamw
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_only_the_written_fmas_are_fused(compiled, arch):
+    """enable_fp_fusion=False: each elementwise fma.rn.f32 is one the code writes
+    (aot.EXPLICIT_FMAS per element), times the elements per thread, in each of the
+    two chunk loops (full and tail)."""
+    per_thread = triton_backend.kernels().multi_tensor.COMPILED_BLOCK // (32 * aot.mt.NUM_WARPS)
+    for r in compiled[arch]:
+        kernel = r["label"].split()[0]
+        assert r["fma_f32"] == aot.EXPLICIT_FMAS[kernel] * per_thread * 2, r

@@ -1,4 +1,5 @@
-"""NOTE [explicit RNE in Triton]: the kernels' narrowing equals torch's rounding, bit for bit.
+"""The kernels' conversions and rounding, bit for bit: NOTE [explicit RNE in Triton] (narrowing
+equals torch's rounding), exact widening, and NOTE [fma under the interpreter].
 
 torch's ``Tensor.to(bfloat16/float16)`` rounds to nearest even (c10), which is
 what a GPU's ``cvt.rn`` does; the Triton interpreter's own fp32->bf16 cast
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.skipif(
     not triton_backend.supports(torch.device("cpu")), reason="needs TRITON_INTERPRET=1"
 )
 
-narrow = triton_backend.kernels().rounding.narrow if triton_backend.available() is None else None
+narrow = triton_backend.kernels().rounding.narrow if triton_backend.unavailable() is None else None
 
 
 @triton.jit
@@ -85,3 +86,79 @@ def test_narrow_matches_torch_rne(dtype):
     nan = x.isnan()
     assert got[nan].isnan().all()
     assert torch.equal(torch.signbit(got[nan].float()), torch.signbit(x[nan]))
+
+
+# ---- NOTE [fma under the interpreter] ------------------------------------------------------
+
+
+def exact_fma_f32(a: float, b: float, c: float) -> float:
+    """a * b + c rounded once to fp32, by exact rational arithmetic."""
+    from fractions import Fraction
+
+    v = Fraction(a) * Fraction(b) + Fraction(c)
+    f = torch.tensor(float(v), dtype=torch.float32)  # within an fp32 ulp of the answer
+    down = torch.nextafter(f, torch.tensor(-float("inf")))
+    up = torch.nextafter(f, torch.tensor(float("inf")))
+    # Nearest, ties to the even bit pattern.
+    return min((down, f, up), key=lambda x: (abs(Fraction(float(x)) - v), int(x.view(torch.int32)) & 1)).item()
+
+
+@triton.jit
+def _fma_kernel(x_ptr, y_ptr, z_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x, y, z = (tl.load(p + offs, mask=mask) for p in (x_ptr, y_ptr, z_ptr))
+    tl.store(out_ptr + offs, tl.fma(x, y, z), mask=mask)
+
+
+def run_fma(x, y, z):
+    out = torch.empty_like(x)
+    _fma_kernel[(triton.cdiv(x.numel(), 4096),)](x, y, z, out, x.numel(), BLOCK=4096)
+    return out
+
+
+def test_interpreted_fma_rounds_once():
+    gen = torch.Generator().manual_seed(1)
+    x, y, z = (torch.randn(2000, generator=gen) for _ in range(3))
+    # A double-rounding trap: x*y + z lies just below the midpoint between two fp32
+    # values, and rounding it to fp64 first lands exactly on the midpoint.
+    x[0], y[0], z[0] = 2.0**-24 * (1 + 2.0**-23), 1 - 2.0**-23, 1 + 2.0**-23
+    x[1], y[1], z[1] = -x[0], y[0], -z[0]
+    got = run_fma(x, y, z)
+    want = torch.tensor([exact_fma_f32(*map(float, t)) for t in zip(x, y, z)])
+    assert torch.equal(got, want)
+    assert got[0].item() == 1 + 2.0**-23  # x*y + z rounded twice would be 1 + 2^-22
+
+
+def test_interpreted_fma_special_values():
+    special = torch.tensor([0.0, -0.0, 1.0, float("inf"), -float("inf"), float("nan"), 3.4e38, 1e-45])
+    x, y, z = torch.meshgrid(special, special, special, indexing="ij")
+    x, y, z = x.reshape(-1), y.reshape(-1), z.reshape(-1)
+    got = run_fma(x, y, z)
+    want = (x.double() * y.double() + z.double()).float()  # exact here: no inexact sums
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+
+
+# ---- exact widening -----------------------------------------------------------------------
+
+widen = triton_backend.kernels().rounding.widen if triton_backend.unavailable() is None else None
+
+
+@triton.jit
+def _widen_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(y_ptr + offs, widen(tl.load(x_ptr + offs, mask=mask)), mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_widen_is_exact_for_every_16bit_value(dtype):
+    """Subnormals included (the interpreter's own bf16 -> fp32 cast flushes them)."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    y = torch.empty(x.shape, dtype=torch.float32)
+    block = 1 << 16
+    _widen_kernel[(1,)](x, y, x.numel(), BLOCK=block)
+    want = x.float()
+    assert torch.equal(y.isnan(), want.isnan())
+    assert torch.equal(y[~y.isnan()].view(torch.int32), want[~want.isnan()].view(torch.int32))

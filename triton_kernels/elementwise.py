@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastopt.triton_kernels.interpreter import device_fn
-from fastopt.triton_kernels.rounding import narrow
+from fastopt.triton_kernels.rounding import narrow, widen
 
 # ---- scalars ------------------------------------------------------------------
 
@@ -124,8 +124,8 @@ def adam_denom(v, bias_corr2_sqrt, eps):
 
 @device_fn
 def load(ptr, offs, mask):
-    """A block of ``ptr``'s storage dtype, in fp32."""
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    """A block of ``ptr``'s storage dtype, in fp32 (exactly, subnormals included)."""
+    return widen(tl.load(ptr + offs, mask=mask, other=0.0))
 
 
 @device_fn

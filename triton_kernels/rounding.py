@@ -1,4 +1,5 @@
-"""Storage-dtype narrowing for the Triton kernels, round-to-nearest-even by bits.
+"""Storage-dtype conversions for the Triton kernels: narrowing rounded to nearest even by
+bits (``narrow``), and exact widening (``widen``).
 
 NOTE [explicit RNE in Triton]
 Every narrowing store (fp32 registers -> bf16/fp16 memory) goes through
@@ -64,3 +65,18 @@ def narrow(x, DTYPE: tl.constexpr):
         return (out | sign).to(tl.uint16).to(tl.float16, bitcast=True)
     else:
         return x
+
+
+@device_fn
+def widen(x):
+    """A bf16, fp16 or fp32 block in fp32, exactly.
+
+    bf16 is widened on its bits (the 16 bits become the top of the fp32
+    pattern): the interpreter's generic bf16 -> fp32 conversion flushes bf16
+    subnormals to zero, where a GPU's cvt keeps them. fp16 and fp32 convert
+    exactly both ways.
+    """
+    if x.dtype == tl.bfloat16:
+        return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(tl.float32)
+

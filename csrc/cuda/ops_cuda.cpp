@@ -68,7 +68,9 @@ RawLists raw_lists(TensorList params, std::initializer_list<TensorList> lists) {
     if (list.empty()) continue;  // an absent optional list (amsgrad, master weights)
     std::vector<void*> ptrs;
     ptrs.reserve(list.size());
-    for (const Tensor& t : list) ptrs.push_back(const_cast<void*>(t.const_data_ptr()));
+    // data_ptr(), not const_data_ptr(): it materialises a copy-on-write
+    // storage before the kernel writes through the address.
+    for (const Tensor& t : list) ptrs.push_back(t.data_ptr());
     raw.lists.push_back(std::move(ptrs));
   }
   raw.numel.reserve(params.size());

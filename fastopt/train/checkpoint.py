@@ -226,6 +226,7 @@ def _load_loop_state(run: Run, ckpt: dict) -> None:
 # two renames leaves no ``ckpt.dcp`` but two complete folders: ``--resume``
 # then takes the temp one (the newer), else the old one.
 
+
 def _options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -268,7 +269,9 @@ def _sharded_state(run: Run, lawa_snapshots: int) -> dict:
                 [torch.empty_like(p, dtype=torch.float32) for p in params]
                 for _ in range(lawa_snapshots)
             ]
-        state["lawa"] = {str(i): dict(zip(names, snap, strict=True)) for i, snap in enumerate(snaps)}
+        state["lawa"] = {
+            str(i): dict(zip(names, snap, strict=True)) for i, snap in enumerate(snaps)
+        }
     return state
 
 

@@ -211,6 +211,17 @@ class TrainConfig:
         self.device = resolve_device(self.device)
         if self.precision is None:
             self.precision = "bf16" if self.device == "cuda" else "fp32"
+        if (
+            self.parallel == "zero"
+            and self.lawa_every
+            and self.precision == "bf16"
+            and self.optimizer != "torch-adamw"
+        ):
+            raise ConfigError(
+                "--lawa-every with --parallel zero and bf16 master weights is not supported: "
+                "each rank keeps the fp32 masters of its own partition only, so the ranks' "
+                "snapshots would differ; use --parallel fsdp or ddp, or --precision fp32"
+            )
         problem = parallel.launch_problem(self.parallel, self.batch_size)
         if problem is not None:
             raise ConfigError(problem)

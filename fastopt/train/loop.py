@@ -45,7 +45,7 @@ from fastopt.train.checkpoint import (
 )
 from fastopt.train.config import ConfigError, TrainConfig, parse_args
 from fastopt.train.data import Corpus, DataError, unigram_cross_entropy
-from fastopt.train.metrics import CURVES, METRICS, Metrics, Progress, plot_curves, read_metrics
+from fastopt.train.metrics import CURVES, METRICS, Metrics, Progress, plot_curves
 from fastopt.train.model import ByteTransformer
 from fastopt.train.parallel import SINGLE, Parallel
 
@@ -147,9 +147,7 @@ def autocast(cfg: TrainConfig):
 class Run:
     """Model, optimizer, schedule, scaler, LAWA and data position of one training run."""
 
-    def __init__(
-        self, cfg: TrainConfig, corpus: Corpus, seed: int, par: Parallel = SINGLE
-    ) -> None:
+    def __init__(self, cfg: TrainConfig, corpus: Corpus, seed: int, par: Parallel = SINGLE) -> None:
         self.cfg = cfg
         self.corpus = corpus
         self.par = par
@@ -258,7 +256,9 @@ class Run:
             "step": self.step,
             "loss": self.par.mean(loss_sum).item(),  # of the global batch
             "lr": float(lr),
-            "grad_norm": float(grad_norm),
+            # a skipped step's norm is not finite (written as null); under ZeRO + fp16 the
+            # local optimizer never ran on it, so its last_grad_norm would be stale
+            "grad_norm": math.inf if skipped else float(grad_norm),
             "skipped": bool(skipped),
             "seq_len": seq_len,
             "micro_batches": n_micro,
