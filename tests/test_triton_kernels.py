@@ -119,7 +119,7 @@ def test_gradient_transform_is_the_reference_transform(dtype, kw):
     assert bool(out[0].isnan())
 
 
-@pytest.mark.parametrize("x", [0.1, 1e-3, 1 - 1e-9, 3e-300, 1e300, -2.0**-60 / 3])
+@pytest.mark.parametrize("x", [0.1, 1e-3, 1 - 1e-9, 3e-300, 1e300, -(2.0**-60) / 3])
 def test_fp64_arguments_arrive_exactly(x):
     """Hyperparameters are fp64 kernel arguments (NOTE [one precision policy]): the
     kernel sees the Python double itself, not its fp32 rounding (the interpreter would

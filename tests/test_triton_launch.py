@@ -247,7 +247,9 @@ def test_kernel_offsets_are_64_bit_for_a_tensor_beyond_2_pow_31_elements(op):
     v = torch.rand(tail, generator=gen) * 0.01
     step = torch.tensor(3.0)
     # The arrays in the kernel's slot order: param, grad, master (the param again), states.
-    arrays = {"adamw": (p, g, p, m1, v), "lion": (p, g, p, m1), "ademamix": (p, g, p, m1, m2, v)}[op]
+    arrays = {"adamw": (p, g, p, m1, v), "lion": (p, g, p, m1), "ademamix": (p, g, p, m1, m2, v)}[
+        op
+    ]
     want = [t.clone() for t in arrays]
 
     def run(impl, a, steps):

@@ -100,7 +100,9 @@ def exact_fma_f32(a: float, b: float, c: float) -> float:
     down = torch.nextafter(f, torch.tensor(-float("inf")))
     up = torch.nextafter(f, torch.tensor(float("inf")))
     # Nearest, ties to the even bit pattern.
-    return min((down, f, up), key=lambda x: (abs(Fraction(float(x)) - v), int(x.view(torch.int32)) & 1)).item()
+    return min(
+        (down, f, up), key=lambda x: (abs(Fraction(float(x)) - v), int(x.view(torch.int32)) & 1)
+    ).item()
 
 
 @triton.jit
@@ -131,7 +133,9 @@ def test_interpreted_fma_rounds_once():
 
 
 def test_interpreted_fma_special_values():
-    special = torch.tensor([0.0, -0.0, 1.0, float("inf"), -float("inf"), float("nan"), 3.4e38, 1e-45])
+    special = torch.tensor(
+        [0.0, -0.0, 1.0, float("inf"), -float("inf"), float("nan"), 3.4e38, 1e-45]
+    )
     x, y, z = torch.meshgrid(special, special, special, indexing="ij")
     x, y, z = x.reshape(-1), y.reshape(-1), z.reshape(-1)
     got = run_fma(x, y, z)

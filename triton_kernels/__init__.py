@@ -21,8 +21,8 @@ if interpreter.interpreting():
     interpreter.install_exact_fma()  # NOTE [fma under the interpreter]
 
 from fastopt.triton_kernels import aot, elementwise, multi_tensor, rounding  # noqa: E402
-from fastopt.triton_kernels.ademamix import ademamix_  # noqa: E402
 from fastopt.triton_kernels.adamw import adamw_  # noqa: E402
+from fastopt.triton_kernels.ademamix import ademamix_  # noqa: E402
 from fastopt.triton_kernels.lion import lion_  # noqa: E402
 from fastopt.triton_kernels.norm import grad_sumsq  # noqa: E402
 

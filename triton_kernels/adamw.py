@@ -92,7 +92,14 @@ def _adamw_kernel(
             em.f64(weight_decay),
             mt.step_count(row),
         )
-        args = (weights, (m_ptr, v_ptr, vmax_ptr), coeffs, em.grad_scalars(transform), AMSGRAD, MASTER)
+        args = (
+            weights,
+            (m_ptr, v_ptr, vmax_ptr),
+            coeffs,
+            em.grad_scalars(transform),
+            AMSGRAD,
+            MASTER,
+        )
         mt.for_each_block(_adamw_block, args, start, n)
 
 

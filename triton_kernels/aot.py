@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import triton.language as tl
 
 from fastopt.triton_kernels import multi_tensor as mt
-from fastopt.triton_kernels.elementwise import GRAD_TRANSFORM_TYPES
-from fastopt.triton_kernels.ademamix import _ademamix_kernel
 from fastopt.triton_kernels.adamw import _adamw_kernel
+from fastopt.triton_kernels.ademamix import _ademamix_kernel
+from fastopt.triton_kernels.elementwise import GRAD_TRANSFORM_TYPES
 from fastopt.triton_kernels.lion import _lion_kernel
 from fastopt.triton_kernels.norm import _sumsq_kernel
 
@@ -79,7 +79,11 @@ def specialisations() -> Iterator[tuple[str, object, dict[str, object]]]:
                             _adamw_kernel,
                             {**common, "AMSGRAD": amsgrad},
                         )
-                    yield (f"lion p={p} g={g} master={master} aligned={aligned}", _lion_kernel, common)
+                    yield (
+                        f"lion p={p} g={g} master={master} aligned={aligned}",
+                        _lion_kernel,
+                        common,
+                    )
                     yield (
                         f"ademamix p={p} g={g} master={master} aligned={aligned}",
                         _ademamix_kernel,

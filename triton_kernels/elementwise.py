@@ -95,7 +95,9 @@ def transform_grad(g, scalars):
     """
     grad_mul, max_grad_value, clip_coef = scalars
     g = g * grad_mul
-    g = tl.where(g > max_grad_value, max_grad_value, tl.where(g < -max_grad_value, -max_grad_value, g))
+    g = tl.where(
+        g > max_grad_value, max_grad_value, tl.where(g < -max_grad_value, -max_grad_value, g)
+    )
     return g * clip_coef
 
 
