@@ -67,7 +67,11 @@ def gpt2_units(**kwargs) -> list:
     units: dict[str, list] = {}
     for name, shape in bench_cpu.gpt2_small_named_shapes(**kwargs):
         head = name.split(".")[0]
-        key = f"h.{name.split('.')[1]}" if head == "h" else ("emb" if head in ("wte", "wpe") else head)
+        key = (
+            f"h.{name.split('.')[1]}"
+            if head == "h"
+            else ("emb" if head in ("wte", "wpe") else head)
+        )
         units.setdefault(key, []).append((name, shape))
     return list(units.values())
 
@@ -126,7 +130,9 @@ def _give_grads(params: list, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for p in params:
         local = torch.randn(p._local_tensor.shape, generator=gen) * 0.01
-        p.grad = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        p.grad = DTensor.from_local(
+            local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+        )
 
 
 def _local_copies(params: list) -> list:
@@ -280,7 +286,9 @@ def render_markdown(result: dict) -> str:
     goals = {"fastopt sharded / local": "≤ 1.1", "fastopt + clip sharded / local": "≤ 1.1"}
     for m in result["models"]:
         for name, value in ratios(m).items():
-            goal = goals.get(name, "≥ 3 (many)" if name == "torch fused / fastopt" and m["key"] == "many" else "")
+            goal = goals.get(
+                name, "≥ 3 (many)" if name == "torch fused / fastopt" and m["key"] == "many" else ""
+            )
             lines.append(f"| {m['key']} | {name} | {value:.2f} | {goal} |")
     lines += ["", *(f"- {m['key']}: {m['title']}; largest local shard {m['params_per_rank_max']:,} params"
                     for m in result["models"])]  # fmt: skip

@@ -133,5 +133,9 @@ def reduce_sums(
 def _collective_device(group, fallback: torch.device) -> torch.device:
     backend = dist.get_backend(group)
     if backend == "nccl":
-        return fallback if fallback.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+        return (
+            fallback
+            if fallback.type == "cuda"
+            else torch.device("cuda", torch.cuda.current_device())
+        )
     return torch.device("cpu") if backend == "gloo" else fallback

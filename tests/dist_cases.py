@@ -310,7 +310,9 @@ def fsdp_train(
     dt = getattr(torch, dtype)
     net, dp_index, dp_size = shard_model(model, dt)
     opt = make_optimizer(optimizer, net.parameters(), **(opt_kwargs or {}))
-    init = {n: full(p.detach()).clone() for n, p in net.named_parameters()} if record_grads else None
+    init = (
+        {n: full(p.detach()).clone() for n, p in net.named_parameters()} if record_grads else None
+    )
     out = _loop(
         net, opt, range(steps), dp_index=dp_index, dp_size=dp_size, dtype=dt,
         scaler=make_scaler(scaler, distributed=True), inject=inject, watch_step=watch_step,
@@ -336,7 +338,11 @@ def _check_state_dict(model: nn.Module, opt) -> dict[str, Any]:
             if key == "step" or not is_dtensor(p):
                 continue
             kinds.add(key)
-            ok = is_dtensor(value) and value.device_mesh == p.device_mesh and value.placements == p.placements
+            ok = (
+                is_dtensor(value)
+                and value.device_mesh == p.device_mesh
+                and value.placements == p.placements
+            )
             if not ok:
                 mismatches.append((i, key, type(value).__name__))
     return dict(keys=sorted(sd), mismatches=mismatches, state_keys=sorted(kinds),
@@ -490,7 +496,9 @@ def dcp_train(
     osd = get_optimizer_state_dict(net, opt)
     top_keys = sorted(osd)
     dcp.save({"model": get_model_state_dict(net), "optim": osd}, checkpoint_id=path)
-    at_save = dict(applied=opt.applied_steps, skipped=opt.skipped_steps, lr=opt.param_groups[0]["lr"])
+    at_save = dict(
+        applied=opt.applied_steps, skipped=opt.skipped_steps, lr=opt.param_groups[0]["lr"]
+    )
     rest = _loop(net, opt, range(save_at, steps), **kw)
     for k in out:
         out[k] = out[k] + rest[k]
@@ -499,7 +507,9 @@ def dcp_train(
     return res
 
 
-def dcp_resume(*, path: str, start: int, steps: int, opt_kwargs: dict, schedule: dict) -> dict[str, Any]:
+def dcp_resume(
+    *, path: str, start: int, steps: int, opt_kwargs: dict, schedule: dict
+) -> dict[str, Any]:
     """A fresh model and optimizer (FSDP2 over this pool's ranks; or plain when run
     without a process group) loaded from ``path`` through DCP, then steps
     ``start .. steps-1``."""
@@ -516,7 +526,9 @@ def dcp_resume(*, path: str, start: int, steps: int, opt_kwargs: dict, schedule:
     dcp.load(sd, checkpoint_id=path)
     set_model_state_dict(net, sd["model"])
     set_optimizer_state_dict(net, opt, sd["optim"])
-    loaded = dict(applied=opt.applied_steps, skipped=opt.skipped_steps, lr=opt.param_groups[0]["lr"])
+    loaded = dict(
+        applied=opt.applied_steps, skipped=opt.skipped_steps, lr=opt.param_groups[0]["lr"]
+    )
     sched = fastopt.schedules.warmup_decay(opt, **schedule)
     out = _loop(
         net, opt, range(start, steps), dp_index=dp_index, dp_size=dp_size, dtype=torch.float32,
@@ -577,4 +589,3 @@ def replay(
         for n, p in params.items()
     }
     return dict(params={n: p.detach() for n, p in params.items()}, state=state, norms=norms)
-

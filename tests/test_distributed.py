@@ -279,7 +279,9 @@ def dcp_checkpoint(pools, tmp_path_factory):
     """A DCP checkpoint written by 2 ranks after 5 steps (step 2 skipped), and the
     uninterrupted 2-rank run to step 10."""
     path = str(tmp_path_factory.mktemp("dcp") / "step5")
-    results = pools.get(2).run("dcp_train", path=path, save_at=5, steps=10, inject=NAN_AT_2, **DCP_RECIPE)
+    results = pools.get(2).run(
+        "dcp_train", path=path, save_at=5, steps=10, inject=NAN_AT_2, **DCP_RECIPE
+    )
     return path, results
 
 
@@ -348,7 +350,9 @@ def test_zero_consolidate_resume_and_schedule(pool, tmp_path):
     for r in results:
         assert r["at_save"] == dict(applied=4, skipped=1)
         assert r["lrs"] == lrs
-    resumed = pool.run("zero_resume", path=path, start=5, steps=10, opt_kwargs=CLIP, schedule=SCHEDULE)
+    resumed = pool.run(
+        "zero_resume", path=path, start=5, steps=10, opt_kwargs=CLIP, schedule=SCHEDULE
+    )
     for r in resumed:
         assert r["loaded"] == dict(applied=4, skipped=1), r["rank"]
         assert (r["applied"], r["skipped"]) == (9, 1)

@@ -242,11 +242,11 @@ class Run:
 
         if grad_norm is None:
             grad_norm = self.local_optimizer.last_grad_norm
-        # torch's scaler backs off exactly on the steps it skips (under ZeRO it, not the
-        # fastopt optimizer, checks for infs: the wrapper is no fastopt optimizer)
-        skipped = scaler.get_scale() < scale_before
-        if self.fused:
-            skipped = skipped or self.local_optimizer.skipped_steps > skipped_before
+        skipped = self.fused and self.local_optimizer.skipped_steps > skipped_before
+        if not self.fused or self.optimizer is not self.local_optimizer:
+            # torch's scaler backs off exactly on the steps it skips; under ZeRO it, not the
+            # fastopt optimizer, checks for infs (the wrapper is no fastopt optimizer)
+            skipped = skipped or scaler.get_scale() < scale_before
         self.step += 1
         tokens = n_micro * cfg.batch_size * seq_len
         self.tokens += tokens
