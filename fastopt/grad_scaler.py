@@ -8,8 +8,9 @@ this scaler hands it a zeroed ``found_inf`` tensor, lets the norm pass fill it
 in, and uses it for the scale update. A scaled, clipped step then reads the
 gradients twice in all: the norm pass and the update kernel.
 
-With any other optimizer, after an explicit ``unscale_``, or when disabled, it
-is torch's GradScaler unchanged; the state dict is torch's.
+With any other optimizer, with an optimizer that clips by value (the clamp
+would hide an overflow from the norm pass), after an explicit ``unscale_``, or
+when disabled, it is torch's GradScaler unchanged; the state dict is torch's.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ class GradScaler(torch.amp.GradScaler):
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         if not (self._enabled and isinstance(optimizer, FusedOptimizer)):
+            return super().step(optimizer, *args, **kwargs)
+        if optimizer.max_grad_value is not None:
+            # The norm pass sees the value-clamped gradients, in which an overflow
+            # (inf) is clamped to +-max_grad_value: it cannot be the inf check
+            # here, so torch's scaler makes its own pass over the raw gradients.
             return super().step(optimizer, *args, **kwargs)
         if "closure" in kwargs:
             raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
