@@ -106,12 +106,9 @@ def add_to_steps(bucket: Bucket, value: float | Tensor) -> None:
     parameter. On the CPU torch._foreach_add_ over thousands of them dispatches
     once per tensor, which costs more than a fused update of small tensors; the
     compiled ``steps_add_`` op adds to them in one C++ loop instead."""
-    if isinstance(value, float) and bucket.steps[0].is_cpu and bucket.backend in ("cpu", "auto"):
-        # "auto" on the CPU is the cpu backend where it is built (the reference has no op)
-        impl = backends.resolve(bucket.backend, bucket.steps[0].device)
-        if hasattr(impl, "steps_add_"):
-            impl.steps_add_(bucket.steps, value)
-            return
+    if isinstance(value, float) and bucket.steps_add is not None:
+        bucket.steps_add(bucket.steps, value)
+        return
     torch._foreach_add_(bucket.steps, value)
 
 

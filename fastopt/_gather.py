@@ -45,7 +45,8 @@ class Bucket:
     """The tensors of one param group that share a device, dtypes and layout class."""
 
     __slots__ = ("backend", "params", "originals", "grads", "states", "held", "steps",
-                 "indices", "state_dicts", "grad_dtype", "dense", "domain", "sharded")
+                 "indices", "state_dicts", "grad_dtype", "dense", "domain", "sharded",
+                 "steps_add")
 
     def __init__(self, backend: str, grad_dtype: torch.dtype, dense: bool, domain) -> None:
         self.backend = backend  # the name handed to fastopt.functional
@@ -53,6 +54,9 @@ class Bucket:
         self.dense = dense
         self.domain = domain  # NOTE [global norm over shards]
         self.sharded = domain is not None and domain[0] == "mesh"  # DTensor parameters
+        # The compiled one-loop step increment for CPU steps (NOTE [step counters]
+        # in fastopt/_base.py), or None: torch._foreach_add_.
+        self.steps_add = None
         self.params: list[Tensor] = []  # local tensors (NOTE [DTensor parameters])
         self.originals: list[Tensor] = []  # the parameters themselves: keys of optimizer.state
         self.grads: list[Tensor] = []
@@ -181,8 +185,10 @@ def _build(optimizer, gi: int, group: dict[str, Any], grads: list[Tensor | None]
         if bucket is None:
             fast = dense and backends.fast_dtypes(tensors[0].dtype, tensors[1].dtype)
             backend = optimizer.backend if fast else "reference"
-            backends.resolve(backend, p.device, tensors[0].dtype, tensors[1].dtype)  # fail early
+            impl = backends.resolve(backend, p.device, tensors[0].dtype, tensors[1].dtype)
             bucket = buckets[key] = Bucket(backend, tensors[1].dtype, dense, domain)
+            if state["step"].is_cpu:
+                bucket.steps_add = getattr(impl, "steps_add_", None)
         bucket.params.append(tensors[0])
         bucket.originals.append(p)
         bucket.grads.append(tensors[1])

@@ -32,10 +32,6 @@ class GradTransform:
     skip: Tensor | None = None  # non-zero: nothing is written
     norm: Tensor | None = None  # N, for ``last_grad_norm``
 
-    @property
-    def needs_norm(self) -> bool:
-        return self.norm is not None
-
 
 def needs_norm(max_grad_norm: float | None, grad_scale: Tensor | None, found_inf: Tensor | None) -> bool:
     """Whether a step computes N: clipping by norm or loss scaling (SPEC §3)."""

@@ -152,8 +152,8 @@ def adamw(
     device = params[0].device
     impl = backends.resolve(backend, device, params[0].dtype, grads[0].dtype)
     impl.adamw_(
-        params, grads, exp_avgs, exp_avg_sqs, list(max_exp_avg_sqs or []) if amsgrad else [],
-        list(master_params or []), state_steps,
+        params, grads, exp_avgs, exp_avg_sqs, (max_exp_avg_sqs or []) if amsgrad else [],
+        master_params or [], state_steps,
         beta1=float(beta1), beta2=float(beta2), eps=float(eps),
         weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
         **backends.op_scalars(device, lr, grad_mul, max_grad_value, clip_coef, skip),

@@ -161,7 +161,7 @@ def ademamix(
     device = params[0].device
     impl = backends.resolve(backend, device, params[0].dtype, grads[0].dtype)
     impl.ademamix_(
-        params, grads, exp_avgs, exp_avgs_slow, exp_avg_sqs, list(master_params or []),
+        params, grads, exp_avgs, exp_avgs_slow, exp_avg_sqs, master_params or [],
         state_steps,
         beta1=float(beta1), beta2=float(beta2),
         beta3=float(beta3), alpha=float(alpha),

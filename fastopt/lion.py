@@ -116,7 +116,7 @@ def lion(
     device = params[0].device
     impl = backends.resolve(backend, device, params[0].dtype, grads[0].dtype)
     impl.lion_(
-        params, grads, exp_avgs, list(master_params or []),
+        params, grads, exp_avgs, master_params or [],
         beta1=float(beta1), beta2=float(beta2),
         weight_decay=float(weight_decay), maximize=bool(maximize),
         **backends.op_scalars(device, lr, grad_mul, max_grad_value, clip_coef, skip),
