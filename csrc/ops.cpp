@@ -24,7 +24,6 @@
 //   are float32 0-dim tensors on the params' device (None: 1); maximize is
 //   applied as a sign on grad_mul.
 // * skip: float32 0-dim; when non-zero the op returns without writing anything.
-#include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastopt, m) {
@@ -59,8 +58,5 @@ TORCH_LIBRARY(fastopt, m) {
   m.def("steps_add_(Tensor(a!)[] steps, float value) -> ()");
 }
 
-// The extension is loaded as a Python module (fastopt._C) so that importing it
-// runs the registrations above; it defines no Python functions of its own.
-static struct PyModuleDef fastopt_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fastopt_c_module); }
+// The Python module fastopt._C itself (whose import runs these registrations)
+// is defined with the step plan classes in csrc/plan.cpp.

@@ -28,8 +28,7 @@ import torch
 from torch import Tensor
 
 from fastopt import _distributed, _norm, _state, backends
-from fastopt._gather import Bucket, Gatherer
-from fastopt.functional import grad_sumsq
+from fastopt._gather import Bucket, Gatherer, gather_uncached
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -84,7 +83,7 @@ class StepPlan:
         undo that if the update raises: the ops check everything before they write,
         so the bucket's state is then as it was."""
         skip = self.transform.skip
-        increment = 1.0 if skip is None else 1.0 - skip.to(bucket.steps[0].device)
+        increment = 1.0 if skip is None else 1.0 - skip.to(bucket.device)
         add_to_steps(bucket, increment)
         try:
             yield
@@ -105,11 +104,17 @@ def add_to_steps(bucket: Bucket, value: float | Tensor) -> None:
     """NOTE [step counters]: torch's `step` is one float32 scalar tensor per
     parameter. On the CPU torch._foreach_add_ over thousands of them dispatches
     once per tensor, which costs more than a fused update of small tensors; the
-    compiled ``steps_add_`` op adds to them in one C++ loop instead."""
-    if isinstance(value, float) and bucket.steps_add is not None:
+    C++ plan (or, unplanned, the compiled ``steps_add_`` op) adds to them in one
+    C++ loop instead."""
+    if bucket.native is not None:
+        if isinstance(value, Tensor):
+            bucket.native.add_steps_tensor(value)
+        else:
+            bucket.native.add_steps(value)
+    elif isinstance(value, float) and bucket.steps_add is not None:
         bucket.steps_add(bucket.steps, value)
-        return
-    torch._foreach_add_(bucket.steps, value)
+    else:
+        torch._foreach_add_(bucket.steps, value)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -148,11 +153,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     # ---- counters -----------------------------------------------------------------
     # NOTE [counters in param groups]
     # The step counters live in every param group (``attempted_steps``,
-    # ``skipped_steps``; the same values in each), not in attributes or extra
+    # ``skipped_steps``; the same objects in each), not in attributes or extra
     # top-level state-dict keys: DCP's get/set_optimizer_state_dict and
     # ZeroRedundancyOptimizer's consolidation keep the param groups and drop
-    # anything else. On a GPU ``skipped_steps`` is a device tensor (counting
-    # without a sync); state_dict() writes it as an int.
+    # anything else. In a step they are int64 0-dim tensors on the parameters'
+    # device, advanced in place: a GPU step counts without a sync, and a step
+    # traced by torch.compile or replayed from a CUDA graph counts exactly as an
+    # eager one (a Python int would be frozen into the graph). state_dict()
+    # writes them as ints; reading ``applied_steps`` reads the device.
 
     def _counter(self, key: str) -> Tensor | int:
         return self.param_groups[0].get(key, 0) if self.param_groups else 0
@@ -161,12 +169,27 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group[key] = value
 
+    def _counters(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(attempted, skipped) as int64 0-dim tensors on ``device``, moved or made
+        from whatever the groups hold (ints after a load, another device)."""
+        attempted, skipped = self._counter("attempted_steps"), self._counter("skipped_steps")
+        if not (
+            isinstance(attempted, Tensor) and attempted.device == device
+            and isinstance(skipped, Tensor) and skipped.device == device
+            and self.param_groups[-1].get("skipped_steps") is skipped
+        ):  # fmt: skip
+            attempted = torch.as_tensor(attempted, dtype=torch.int64).to(device).clone()
+            skipped = torch.as_tensor(skipped, dtype=torch.int64).to(device).clone()
+            self._set_counter("attempted_steps", attempted)
+            self._set_counter("skipped_steps", skipped)
+        return attempted, skipped
+
     _attempted_steps = property(
         lambda self: int(self._counter("attempted_steps")),
         lambda self, v: self._set_counter("attempted_steps", v),
     )
     _skipped_steps = property(
-        lambda self: self._counter("skipped_steps"),
+        lambda self: int(self._counter("skipped_steps")),
         lambda self, v: self._set_counter("skipped_steps", v),
     )
 
@@ -182,13 +205,12 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         On a GPU the count lives on the device; reading it synchronises.
         """
-        s = self._skipped_steps
-        return int(s.item()) if isinstance(s, Tensor) else int(s)
+        return self._skipped_steps
 
     @property
     def applied_steps(self) -> int:
         """Steps that updated the parameters (skipped steps excluded)."""
-        return self._attempted_steps - self.skipped_steps
+        return self._attempted_steps - self._skipped_steps
 
     # ---- per-parameter state ---------------------------------------------------------
 
@@ -225,33 +247,44 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ---- the step ---------------------------------------------------------------------
 
+    def _capturable(self) -> bool:
+        """``capturable=True`` in any group: never read a device value on the host
+        (NOTE [capturable steps])."""
+        return any(g.get("capturable", False) for g in self.param_groups)
+
     def _plan_step(self) -> StepPlan:
         """Gather the buckets, run the global-norm pass when clipping or loss scaling
         asks for one, and decide the skip. A step known (on the CPU) to be skipped
-        comes back with no buckets."""
-        gatherer = self.__dict__.get("_gatherer")
-        if gatherer is None:
-            gatherer = self.__dict__["_gatherer"] = Gatherer()
-        work = gatherer.gather(self, (self.backend, self.master_weights))
+        comes back with no buckets.
+
+        NOTE [capturable steps]
+        Traced by torch.compile, or with ``capturable=True``, the skip flag is never
+        read on the host: it travels to the kernels as a tensor and every counter
+        advances by it, so the step is one straight line of device work (what a
+        CUDA graph can capture and replay). Eager CPU steps read it (a free read)
+        and return early from a skipped step.
+        """
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            # dynamo traces the plain gather and guards on what it read
+            work = gather_uncached(self, (self.backend, self.master_weights))
+        else:
+            gatherer = self.__dict__.get("_gatherer")
+            if gatherer is None:
+                gatherer = self.__dict__["_gatherer"] = Gatherer()
+            work = gatherer.gather(self, (self.backend, self.master_weights))
         if not work and self.process_group is None:
             return StepPlan([], _norm.GradTransform())
+        device = work[0][1].device if work else torch.device("cpu")
+        attempted, skipped = self._counters(device)
+        attempted.add_(1)
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        self._attempted_steps += 1
         if not _norm.needs_norm(self.max_grad_norm, grad_scale, found_inf):
             self.last_grad_norm = None
             return StepPlan(work, _norm.GradTransform(max_grad_value=self.max_grad_value))
-        device = work[0][1].params[0].device if work else torch.device("cpu")
         inv_scale = _norm.inverse_scale(grad_scale, device)
-        sumsqs = [
-            (b.domain, grad_sumsq(
-                b.grads,
-                grad_mul=None if inv_scale is None else inv_scale.to(b.params[0].device),
-                max_grad_value=self.max_grad_value,
-                backend=b.backend,
-            ))
-            for _, b in work
-        ]  # fmt: skip
+        sumsqs = [(b.domain, b.sumsq(inv_scale, self.max_grad_value)) for _, b in work]
         if self.process_group is not None:
             # Every rank joins the reduction, also one whose shard had no gradients.
             sumsqs.append((("group", self.process_group), torch.zeros((), device=device)))
@@ -268,18 +301,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         if found_inf is not None:
             # Report what the norm pass found back to the scaler (see fastopt.GradScaler).
             found_inf.copy_(torch.maximum(found_inf, skip.to(found_inf.device)))
-        if skip.device.type == "cpu":
+        if skip.device.type == "cpu" and not compiling and not self._capturable():
             if skip.item() != 0:
-                self._skipped_steps = self._skipped_steps + 1
+                skipped.add_(1)
                 return StepPlan([], transform)
             # Known finite: the kernels need not read a flag.
             return StepPlan(work, _norm.GradTransform(
                 transform.grad_mul, transform.max_grad_value, transform.clip_coef, None,
                 transform.norm,
             ))  # fmt: skip
-        if not isinstance(self._skipped_steps, Tensor):
-            self._skipped_steps = torch.tensor(float(self._skipped_steps), device=skip.device)
-        self._skipped_steps.add_(skip.to(self._skipped_steps.device))
+        skipped.add_(skip.to(device=skipped.device, dtype=torch.int64))
         return StepPlan(work, transform)
 
     # ---- state dict -------------------------------------------------------------------

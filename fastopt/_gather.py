@@ -21,6 +21,11 @@ have gradients, the construction flags and every state tensor (checked by
 identity) stay the same; each step only re-reads ``.grad`` and checks it
 (sparse, dtype, layout). Any change rebuilds. Groups with complex parameters
 are not cached (their real views would go stale if ``.data`` were replaced).
+
+On top of it, groups of plain (non-DTensor, real) parameters get a C++
+GroupPlan (csrc/plan.cpp, NOTE [persistent step plan]) that does this
+per-step re-read and revalidation, and hands the tensors to the compiled ops,
+without a Python loop over parameters.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ from torch import Tensor
 
 from fastopt import _distributed, backends
 
+try:
+    from fastopt._C import BucketPlan, GroupPlan
+except ImportError:  # the extension is missing: every group keeps the Python path
+    BucketPlan = GroupPlan = None
+
 _LOCAL = attrgetter("_local_tensor")
 _DTYPE = attrgetter("dtype")
 _IS_SPARSE = attrgetter("is_sparse")
@@ -46,7 +56,7 @@ class Bucket:
 
     __slots__ = ("backend", "params", "originals", "grads", "states", "held", "steps",
                  "indices", "state_dicts", "grad_dtype", "dense", "domain", "sharded",
-                 "steps_add")
+                 "steps_add", "impl", "native", "native_ops")
 
     def __init__(self, backend: str, grad_dtype: torch.dtype, dense: bool, domain) -> None:
         self.backend = backend  # the name handed to fastopt.functional
@@ -57,6 +67,11 @@ class Bucket:
         # The compiled one-loop step increment for CPU steps (NOTE [step counters]
         # in fastopt/_base.py), or None: torch._foreach_add_.
         self.steps_add = None
+        self.impl = None  # the backend's update functions (fastopt.backends.resolve)
+        # The C++ BucketPlan of a planned group (NOTE [persistent step plan]), and
+        # whether its ops are the compiled ones it can call itself.
+        self.native = None
+        self.native_ops = False
         self.params: list[Tensor] = []  # local tensors (NOTE [DTensor parameters])
         self.originals: list[Tensor] = []  # the parameters themselves: keys of optimizer.state
         self.grads: list[Tensor] = []
@@ -69,6 +84,28 @@ class Bucket:
     def state(self, key: str) -> list[Tensor]:
         """The list of state ``key`` (empty when this bucket has none, e.g. no masters)."""
         return self.states.get(key, [])
+
+    def run(self, op: str, lists: tuple[str, ...], kwargs: dict[str, Any]) -> None:
+        """Call update op ``op`` (``adamw_``, ...) on this bucket: through the C++ plan
+        when it holds the tensors, else with the lists ``params, grads, *lists``
+        (state keys; a missing key is an empty list) and ``kwargs``."""
+        if self.native_ops:
+            getattr(self.native, op)(**kwargs)
+            return
+        states = [self.steps if k == "step" else self.states.get(k, []) for k in lists]
+        getattr(self.impl, op)(self.params, self.grads, *states, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def sumsq(self, grad_mul: Tensor | None, max_grad_value: float | None) -> Tensor:
+        """This bucket's part of the global-norm pass (fastopt.functional.grad_sumsq)."""
+        grad_mul = backends._device_scalar(grad_mul, self.device)
+        max_grad_value = None if max_grad_value is None else float(max_grad_value)
+        if self.native_ops:
+            return self.native.grad_sumsq(grad_mul=grad_mul, max_grad_value=max_grad_value)
+        return self.impl.grad_sumsq(self.grads, grad_mul=grad_mul, max_grad_value=max_grad_value)
 
     def refresh(self, grads: list[Tensor | None], optimizer_state) -> bool:
         """Re-take this step's gradients; False if anything the cache relied on changed.
@@ -106,11 +143,31 @@ class Bucket:
 
 
 class _CacheEntry:
-    __slots__ = ("params", "members", "mask", "flags", "buckets")
+    __slots__ = ("params", "members", "mask", "flags", "buckets", "native", "unplanned")
 
-    def __init__(self, params, mask, flags, buckets):
+    def __init__(self, params, mask, flags, buckets, native):
         self.params, self.mask, self.flags, self.buckets = params, mask, flags, buckets
         self.members = list(params)  # a parameter swapped into the same list is a change
+        self.native = native  # the group's C++ GroupPlan, or None
+        # planned buckets the C++ ops cannot run (reference, triton): Python takes
+        # their refreshed gradients from the plan
+        self.unplanned = [b for b in buckets.values() if b.native is not None and not b.native_ops]
+
+    def valid(self, params: list, grads_of, optimizer_state) -> bool:
+        """Whether the cached buckets still hold (their gradients re-taken)."""
+        if self.native is not None:
+            if not self.native.refresh(params, optimizer_state):
+                return False
+            for b in self.unplanned:
+                b.grads = b.native.grads()
+            return True
+        grads = grads_of(params)
+        return (
+            self.params is params
+            and self.mask == [g is not None for g in grads]  # equal lengths: zip compares all
+            and all(map(is_, self.members, params))
+            and all(b.refresh(grads, optimizer_state) for b in self.buckets.values())
+        )
 
 
 class Gatherer:
@@ -132,26 +189,45 @@ class Gatherer:
         cache = self._cache
         for gi, group in enumerate(optimizer.param_groups):
             params = group["params"]
-            grads = list(map(_GRAD, params))
-            mask = [g is not None for g in grads]
             group_flags = (flags, optimizer.state_keys(group))
             entry = cache.get(gi)
-            if (
-                entry is not None
-                and entry.params is params
-                and entry.flags == group_flags
-                and entry.mask == mask  # equal lengths, so zip below compares all
-                and all(map(is_, entry.members, params))
-                and all(b.refresh(grads, optimizer.state) for b in entry.buckets.values())
+            if entry is not None and entry.flags == group_flags and entry.valid(
+                params, _grads_of, optimizer.state
             ):
                 buckets = entry.buckets
             else:
+                grads = _grads_of(params)
                 buckets, cacheable = _build(optimizer, gi, group, grads)
-                cache[gi] = _CacheEntry(params, mask, group_flags, buckets) if cacheable else None
+                entry = None
+                if cacheable:
+                    mask = [g is not None for g in grads]
+                    entry = _CacheEntry(params, mask, group_flags, buckets,
+                                        _plan(optimizer, params, buckets))  # fmt: skip
+                cache[gi] = entry
             out.extend((group, b) for b in buckets.values())
         for gi in [k for k in cache if k >= len(optimizer.param_groups)]:
             del cache[gi]
         return out
+
+
+def _grads_of(params: list[Tensor]) -> list[Tensor | None]:
+    return list(map(_GRAD, params))
+
+
+def _plan(optimizer, params: list[Tensor], buckets: dict[tuple, Bucket]):
+    """The group's C++ plan (NOTE [persistent step plan]), or None where the Python
+    path must stay: no extension, DTensor parameters, or an empty group."""
+    if GroupPlan is None or not buckets or any(b.sharded for b in buckets.values()):
+        return None
+    plans = []
+    for b in buckets.values():
+        held = {k: v for k, v in b.held.items()}
+        held["step"] = b.steps
+        b.native = BucketPlan(params=b.params, grads=b.grads, indices=b.indices, grad_dtype=b.grad_dtype,
+                              dense=b.dense, state_dicts=b.state_dicts, held=held)  # fmt: skip
+        b.native_ops = backends.is_compiled(b.impl)
+        plans.append(b.native)
+    return GroupPlan(params=params, optimizer_state=optimizer.state, buckets=plans)
 
 
 def _build(optimizer, gi: int, group: dict[str, Any], grads: list[Tensor | None]):
@@ -187,6 +263,7 @@ def _build(optimizer, gi: int, group: dict[str, Any], grads: list[Tensor | None]
             backend = optimizer.backend if fast else "reference"
             impl = backends.resolve(backend, p.device, tensors[0].dtype, tensors[1].dtype)
             bucket = buckets[key] = Bucket(backend, tensors[1].dtype, dense, domain)
+            bucket.impl = impl
             if state["step"].is_cpu:
                 bucket.steps_add = getattr(impl, "steps_add_", None)
         bucket.params.append(tensors[0])
@@ -200,3 +277,14 @@ def _build(optimizer, gi: int, group: dict[str, Any], grads: list[Tensor | None]
         bucket.indices.append(pi)
         bucket.state_dicts.append(state)
     return buckets, cacheable
+
+
+def gather_uncached(optimizer, flags: tuple) -> list[tuple[dict[str, Any], Bucket]]:
+    """``Gatherer.gather`` without the cache or the C++ plan: the buckets built
+    afresh. What a step traced by torch.compile runs (dynamo guards on the
+    parameters and states it reads, which is the cache's job in eager)."""
+    out = []
+    for gi, group in enumerate(optimizer.param_groups):
+        buckets, _ = _build(optimizer, gi, group, [p.grad for p in group["params"]])
+        out.extend((group, b) for b in buckets.values())
+    return out

@@ -103,15 +103,29 @@ class AdamW(FusedOptimizer):
         for group, bucket in plan.buckets:
             beta1, beta2 = group["betas"]
             with plan.updating(bucket):
-                adamw(
-                    bucket.params, bucket.grads, bucket.state("exp_avg"),
-                    bucket.state("exp_avg_sq"), bucket.state("max_exp_avg_sq"),
-                    bucket.state("master_param"), bucket.steps,
-                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                bucket.run("adamw_", _STATE_LISTS, _op_args(
+                    bucket.device, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
-                    maximize=group["maximize"], **plan.transform_args, backend=bucket.backend,
-                )  # fmt: skip
+                    maximize=group["maximize"], **plan.transform_args,
+                ))  # fmt: skip
         return loss
+
+
+# The state lists of fastopt::adamw_ after params and grads, as state keys (NOTE
+# [persistent step plan] in csrc/plan.cpp: the bucket or its C++ plan supplies them).
+_STATE_LISTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param", "step")
+
+
+def _op_args(
+    device, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, grad_mul, max_grad_value,
+    clip_coef, skip,
+) -> dict[str, Any]:  # fmt: skip
+    """The keyword arguments of fastopt::adamw_ for tensors on ``device``."""
+    return dict(
+        beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+        weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
+        **backends.op_scalars(device, lr, grad_mul, max_grad_value, clip_coef, skip),
+    )  # fmt: skip
 
 
 def adamw(
@@ -154,7 +168,7 @@ def adamw(
     impl.adamw_(
         params, grads, exp_avgs, exp_avg_sqs, (max_exp_avg_sqs or []) if amsgrad else [],
         master_params or [], state_steps,
-        beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-        weight_decay=float(weight_decay), amsgrad=bool(amsgrad), maximize=bool(maximize),
-        **backends.op_scalars(device, lr, grad_mul, max_grad_value, clip_coef, skip),
+        **_op_args(device, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                   amsgrad=amsgrad, maximize=maximize, grad_mul=grad_mul,
+                   max_grad_value=max_grad_value, clip_coef=clip_coef, skip=skip),
     )  # fmt: skip

@@ -103,16 +103,31 @@ class AdEMAMix(FusedOptimizer):
         for group, bucket in plan.buckets:
             beta1, beta2, beta3 = group["betas"]
             with plan.updating(bucket):
-                ademamix(
-                    bucket.params, bucket.grads, bucket.state("exp_avg"),
-                    bucket.state("exp_avg_slow"), bucket.state("exp_avg_sq"),
-                    bucket.state("master_param"), bucket.steps,
-                    lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3,
+                bucket.run("ademamix_", _STATE_LISTS, _op_args(
+                    bucket.device, lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3,
                     alpha=group["alpha"], t_alpha=group["t_alpha"], t_beta3=group["t_beta3"],
                     eps=group["eps"], weight_decay=group["weight_decay"],
-                    maximize=group["maximize"], **plan.transform_args, backend=bucket.backend,
-                )  # fmt: skip
+                    maximize=group["maximize"], **plan.transform_args,
+                ))  # fmt: skip
         return loss
+
+
+# The state lists of fastopt::ademamix_ after params and grads, as state keys.
+_STATE_LISTS = ("exp_avg", "exp_avg_slow", "exp_avg_sq", "master_param", "step")
+
+
+def _op_args(
+    device, *, lr, beta1, beta2, beta3, alpha, t_alpha, t_beta3, eps, weight_decay, maximize,
+    grad_mul, max_grad_value, clip_coef, skip,
+) -> dict[str, Any]:  # fmt: skip
+    """The keyword arguments of fastopt::ademamix_ for tensors on ``device``."""
+    return dict(
+        beta1=float(beta1), beta2=float(beta2), beta3=float(beta3), alpha=float(alpha),
+        t_alpha=None if t_alpha is None else float(t_alpha),
+        t_beta3=None if t_beta3 is None else float(t_beta3),
+        eps=float(eps), weight_decay=float(weight_decay), maximize=bool(maximize),
+        **backends.op_scalars(device, lr, grad_mul, max_grad_value, clip_coef, skip),
+    )  # fmt: skip
 
 
 def ademamix(
@@ -163,10 +178,8 @@ def ademamix(
     impl.ademamix_(
         params, grads, exp_avgs, exp_avgs_slow, exp_avg_sqs, master_params or [],
         state_steps,
-        beta1=float(beta1), beta2=float(beta2),
-        beta3=float(beta3), alpha=float(alpha),
-        t_alpha=None if t_alpha is None else float(t_alpha),
-        t_beta3=None if t_beta3 is None else float(t_beta3),
-        eps=float(eps), weight_decay=float(weight_decay), maximize=bool(maximize),
-        **backends.op_scalars(device, lr, grad_mul, max_grad_value, clip_coef, skip),
+        **_op_args(device, lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, alpha=alpha,
+                   t_alpha=t_alpha, t_beta3=t_beta3, eps=eps, weight_decay=weight_decay,
+                   maximize=maximize, grad_mul=grad_mul, max_grad_value=max_grad_value,
+                   clip_coef=clip_coef, skip=skip),
     )  # fmt: skip

@@ -75,14 +75,27 @@ class Lion(FusedOptimizer):
         for group, bucket in plan.buckets:
             beta1, beta2 = group["betas"]
             with plan.updating(bucket):
-                lion(
-                    bucket.params, bucket.grads, bucket.state("exp_avg"),
-                    bucket.state("master_param"),
-                    lr=group["lr"], beta1=beta1, beta2=beta2,
+                bucket.run("lion_", _STATE_LISTS, _op_args(
+                    bucket.device, lr=group["lr"], beta1=beta1, beta2=beta2,
                     weight_decay=group["weight_decay"], maximize=group["maximize"],
-                    **plan.transform_args, backend=bucket.backend,
-                )  # fmt: skip
+                    **plan.transform_args,
+                ))  # fmt: skip
         return loss
+
+
+# The state lists of fastopt::lion_ after params and grads, as state keys.
+_STATE_LISTS = ("exp_avg", "master_param")
+
+
+def _op_args(
+    device, *, lr, beta1, beta2, weight_decay, maximize, grad_mul, max_grad_value, clip_coef, skip,
+) -> dict[str, Any]:  # fmt: skip
+    """The keyword arguments of fastopt::lion_ for tensors on ``device``."""
+    return dict(
+        beta1=float(beta1), beta2=float(beta2),
+        weight_decay=float(weight_decay), maximize=bool(maximize),
+        **backends.op_scalars(device, lr, grad_mul, max_grad_value, clip_coef, skip),
+    )  # fmt: skip
 
 
 def lion(
@@ -117,7 +130,7 @@ def lion(
     impl = backends.resolve(backend, device, params[0].dtype, grads[0].dtype)
     impl.lion_(
         params, grads, exp_avgs, master_params or [],
-        beta1=float(beta1), beta2=float(beta2),
-        weight_decay=float(weight_decay), maximize=bool(maximize),
-        **backends.op_scalars(device, lr, grad_mul, max_grad_value, clip_coef, skip),
+        **_op_args(device, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                   maximize=maximize, grad_mul=grad_mul, max_grad_value=max_grad_value,
+                   clip_coef=clip_coef, skip=skip),
     )  # fmt: skip

@@ -9,6 +9,7 @@ import torch
 from conftest import assert_state_equal, clone_params, set_grads
 
 import fastopt
+import fastopt._gather
 
 # ---- construction and validation ------------------------------------------------------
 
@@ -371,8 +372,25 @@ def test_failing_update_leaves_state_unchanged(backend, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("injected kernel failure")
 
-    monkeypatch.setattr(fastopt.adamw, "adamw", boom)
+    monkeypatch.setattr(fastopt._gather.Bucket, "run", boom)
     with pytest.raises(RuntimeError, match="injected"):
+        opt.step()
+    assert torch.equal(p.detach(), value)
+    for k, v in before.items():
+        assert torch.equal(opt.state[p][k], v), k
+
+
+def test_update_op_rejecting_a_state_leaves_everything_unchanged(backend):
+    """A state tensor changed in place behind the optimizer's back (same object, so
+    the step plan still holds it) is refused by the op's own checks, before any write."""
+    p = torch.randn(17, requires_grad=True)
+    opt = fastopt.AdamW([p], lr=1e-2, backend=backend)
+    p.grad = torch.randn(17)
+    opt.step()
+    opt.state[p]["exp_avg_sq"].data = torch.zeros(5)
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    value = p.detach().clone()
+    with pytest.raises((RuntimeError, ValueError), match="exp_avg_sq|size"):
         opt.step()
     assert torch.equal(p.detach(), value)
     for k, v in before.items():

@@ -78,6 +78,12 @@ def fast_dtypes(dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
     return grad_dtype == dtype or (grad_dtype == torch.float32 and dtype != torch.float32)
 
 
+def is_compiled(impl) -> bool:
+    """Whether ``impl`` (a ``resolve`` result) is the compiled ops of fastopt._C."""
+    compiled = importlib.import_module("fastopt.backends.compiled")
+    return compiled.LOAD_ERROR is None and impl is compiled.functions()
+
+
 def _runs(name: str, device: torch.device) -> bool:
     if unavailable_reason(name) is not None:
         return False

@@ -65,6 +65,22 @@ def grad_sumsq(
     return total.float()
 
 
+def _check(op: str, params: list[Tensor], **lists: list[Tensor]) -> None:
+    """The ops' rule that a call that fails writes nothing: every list checked
+    (length, per tensor numel and device) before the first write."""
+    for name, tensors in lists.items():
+        if not tensors:
+            continue
+        if len(tensors) != len(params):
+            raise RuntimeError(f"{op}: {name} has {len(tensors)} tensors, params {len(params)}")
+        for i, (t, p) in enumerate(zip(tensors, params)):
+            if t.numel() != p.numel() or t.device != p.device:
+                raise RuntimeError(
+                    f"{op}: {name}[{i}] has {t.numel()} elements on {t.device}, "
+                    f"params[{i}] {p.numel()} on {p.device}"
+                )
+
+
 def _weight(master_params: list[Tensor], i: int, p: Tensor, dtype: torch.dtype) -> Tensor:
     """The value the update runs on: the fp32 master if there is one, else an fp32 copy of p."""
     return master_params[i] if master_params else p.detach().to(dtype)
@@ -84,6 +100,8 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
     """
     if _value(skip, 0.0) != 0.0:
         return
+    _check("adamw_", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+           max_exp_avg_sqs=max_exp_avg_sqs, master_params=master_params)  # fmt: skip
     lr = _value(lr_tensor, lr)
     for i, p in enumerate(params):
         step = float(state_steps[i].item())
@@ -121,6 +139,7 @@ def lion_(params, grads, exp_avgs, master_params, *,
     """
     if _value(skip, 0.0) != 0.0:
         return
+    _check("lion_", params, grads=grads, exp_avgs=exp_avgs, master_params=master_params)
     lr = _value(lr_tensor, lr)
     for i, p in enumerate(params):
         g = _transform(grads[i], grad_mul, max_grad_value, clip_coef, maximize)
@@ -163,6 +182,8 @@ def ademamix_(params, grads, exp_avgs, exp_avgs_slow, exp_avg_sqs, master_params
     """
     if _value(skip, 0.0) != 0.0:
         return
+    _check("ademamix_", params, grads=grads, exp_avgs=exp_avgs, exp_avgs_slow=exp_avgs_slow,
+           exp_avg_sqs=exp_avg_sqs, master_params=master_params)  # fmt: skip
     lr = _value(lr_tensor, lr)
     for i, p in enumerate(params):
         step = float(state_steps[i].item())
