@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from fastopt import _distributed, _norm, _state, backends
-from fastopt._gather import Bucket, Gatherer, gather_uncached
+from fastopt._gather import Bucket, Gatherer, build_buckets, gather_uncached
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -106,7 +106,10 @@ def add_to_steps(bucket: Bucket, value: float | Tensor) -> None:
     once per tensor, which costs more than a fused update of small tensors; the
     C++ plan (or, unplanned, the compiled ``steps_add_`` op) adds to them in one
     C++ loop instead."""
-    if bucket.native is not None:
+    if isinstance(value, Tensor) and torch.compiler.is_compiling():
+        # (traced, the one-tensor overload would read the increment on the host)
+        torch._foreach_add_(bucket.steps, [value] * len(bucket.steps))
+    elif bucket.native is not None:
         if isinstance(value, Tensor):
             bucket.native.add_steps_tensor(value)
         else:
@@ -149,6 +152,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.master_weights = bool(master_weights)
         self.last_grad_norm: Tensor | None = None
         super().__init__(params, defaults)
+        self._make_counters()
 
     # ---- counters -----------------------------------------------------------------
     # NOTE [counters in param groups]
@@ -184,13 +188,32 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._set_counter("skipped_steps", skipped)
         return attempted, skipped
 
+    def _make_counters(self) -> None:
+        """The counter tensors, on the first parameter's device, made outside any step:
+        a step traced by torch.compile then only advances them (a write into a
+        param group inside a trace would be replayed with dynamo's own edits of
+        the group, and a guard on an int would not match the tensor after)."""
+        if not self.param_groups:
+            return
+        params = [p for g in self.param_groups for p in g["params"]]
+        device = _distributed.local(params[0]).device if params else torch.device("cpu")
+        self._counters(device)
+
+    def _assign_counter(self, key: str, value: int) -> None:
+        # in place when a tensor: a captured CUDA graph keeps its address
+        current = self._counter(key)
+        if isinstance(current, Tensor) and self.param_groups[-1].get(key) is current:
+            current.fill_(int(value))
+        else:
+            self._set_counter(key, int(value))
+
     _attempted_steps = property(
         lambda self: int(self._counter("attempted_steps")),
-        lambda self, v: self._set_counter("attempted_steps", v),
+        lambda self, v: self._assign_counter("attempted_steps", v),
     )
     _skipped_steps = property(
         lambda self: int(self._counter("skipped_steps")),
-        lambda self, v: self._set_counter("skipped_steps", v),
+        lambda self, v: self._assign_counter("skipped_steps", v),
     )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -245,6 +268,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self.uses_master(p) and "master_param" not in state:
             state["master_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
 
+    def _init_group(self, group: dict[str, Any]) -> None:
+        """Create the state of every parameter of ``group`` that has a gradient, and
+        resolve its backends (by building its buckets once, then dropping them).
+
+        The name is torch's: torch.compile's optimizer support runs a method of
+        this name eagerly while tracing, so the first compiled step does not
+        trace (and then recompile on) state creation or the resolver's cache."""
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        build_buckets(self, gi, group, [p.grad for p in group["params"]])
+
     # ---- the step ---------------------------------------------------------------------
 
     def _capturable(self) -> bool:
@@ -266,7 +299,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         """
         compiling = torch.compiler.is_compiling()
         if compiling:
-            # dynamo traces the plain gather and guards on what it read
+            # dynamo runs _init_group eagerly (as for torch's optimizers), then
+            # traces the plain gather and guards on what it read
+            for group in self.param_groups:
+                self._init_group(group)
             work = gather_uncached(self, (self.backend, self.master_weights))
         else:
             gatherer = self.__dict__.get("_gatherer")
@@ -349,3 +385,4 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, value)
             group.setdefault("attempted_steps", 0)
             group.setdefault("skipped_steps", 0)
+        self._make_counters()

@@ -197,7 +197,7 @@ class Gatherer:
                 buckets = entry.buckets
             else:
                 grads = _grads_of(params)
-                buckets, cacheable = _build(optimizer, gi, group, grads)
+                buckets, cacheable = build_buckets(optimizer, gi, group, grads)
                 entry = None
                 if cacheable:
                     mask = [g is not None for g in grads]
@@ -230,7 +230,8 @@ def _plan(optimizer, params: list[Tensor], buckets: dict[tuple, Bucket]):
     return GroupPlan(params=params, optimizer_state=optimizer.state, buckets=plans)
 
 
-def _build(optimizer, gi: int, group: dict[str, Any], grads: list[Tensor | None]):
+def build_buckets(optimizer, gi: int, group: dict[str, Any], grads: list[Tensor | None]):
+    """The buckets of group ``gi`` (creating missing state), and whether they may be cached."""
     name = type(optimizer).__name__
     buckets: dict[tuple, Bucket] = {}
     keys = optimizer.state_keys(group)
@@ -285,6 +286,6 @@ def gather_uncached(optimizer, flags: tuple) -> list[tuple[dict[str, Any], Bucke
     parameters and states it reads, which is the cache's job in eager)."""
     out = []
     for gi, group in enumerate(optimizer.param_groups):
-        buckets, _ = _build(optimizer, gi, group, [p.grad for p in group["params"]])
+        buckets, _ = build_buckets(optimizer, gi, group, [p.grad for p in group["params"]])
         out.extend((group, b) for b in buckets.values())
     return out

@@ -35,7 +35,12 @@ def load(optimizer, state_dict: dict[str, Any], torch_load: Callable[[dict], Non
     saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
     groups = state_dict["param_groups"]
     counters = {k: groups[0][k] for k in COUNTERS if groups and k in groups[0]}
+    held = {k: optimizer._counter(k) for k in COUNTERS}
     torch_load(state_dict)
+    for key, tensor in held.items():
+        # the same counter tensors stay (filled below): a captured graph keeps its addresses
+        if isinstance(tensor, Tensor):
+            optimizer._set_counter(key, tensor)
     params = list(chain.from_iterable(g["params"] for g in optimizer.param_groups))
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     for saved_id, p in zip(saved_ids, params):

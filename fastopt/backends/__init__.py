@@ -39,8 +39,16 @@ _WHERE = {
 }
 
 
+_modules: dict[str, ModuleType] = {}
+
+
 def _module(name: str) -> ModuleType:
-    return importlib.import_module(f"fastopt.backends.{_WHERE[name][0]}")
+    # A dict lookup once imported: torch.compile traces through resolve() and
+    # cannot trace importlib.
+    module = _modules.get(name)
+    if module is None:
+        module = _modules[name] = importlib.import_module(f"fastopt.backends.{_WHERE[name][0]}")
+    return module
 
 
 def unavailable_reason(name: str) -> str | None:
@@ -80,7 +88,7 @@ def fast_dtypes(dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
 
 def is_compiled(impl) -> bool:
     """Whether ``impl`` (a ``resolve`` result) is the compiled ops of fastopt._C."""
-    compiled = importlib.import_module("fastopt.backends.compiled")
+    compiled = _module("cpu")
     return compiled.LOAD_ERROR is None and impl is compiled.functions()
 
 

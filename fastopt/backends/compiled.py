@@ -62,20 +62,20 @@ def supports(device: torch.device) -> bool:
 
 
 _functions: SimpleNamespace | None = None
+if LOAD_ERROR is None:
+    _functions = SimpleNamespace(
+        adamw_=torch.ops.fastopt.adamw_.default,
+        lion_=torch.ops.fastopt.lion_.default,
+        ademamix_=torch.ops.fastopt.ademamix_.default,
+        grad_sumsq=torch.ops.fastopt.grad_sumsq.default,
+        steps_add_=torch.ops.fastopt.steps_add_.default,
+    )
 
 
 def functions() -> SimpleNamespace:
     """The update functions: the ops' ``.default`` overloads (same signatures as the reference)."""
-    global _functions
     if _functions is None:
-        ops = torch.ops.fastopt
-        _functions = SimpleNamespace(
-            adamw_=ops.adamw_.default,
-            lion_=ops.lion_.default,
-            ademamix_=ops.ademamix_.default,
-            grad_sumsq=ops.grad_sumsq.default,
-            steps_add_=ops.steps_add_.default,
-        )
+        raise RuntimeError(LOAD_ERROR)
     return _functions
 
 
