@@ -45,8 +45,11 @@ class AdamW(FusedOptimizer):
             fp32 moments; the parameter is the master rounded to nearest even.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
-    ``foreach``, ``fused`` and ``capturable`` are accepted for compatibility;
-    the kernel is chosen by ``backend``. A tensor ``lr`` stays on the device.
+    ``foreach`` and ``fused`` are accepted for compatibility; the kernel is
+    chosen by ``backend``. ``capturable=True``: the step never reads a device
+    value on the host (the skip decision stays a tensor), so it can be captured
+    in a CUDA graph. A tensor ``lr`` stays on the device; under torch.compile it
+    is what lets a scheduler move lr without a recompile.
     """
 
     def __init__(

@@ -71,6 +71,7 @@ class AdEMAMix(FusedOptimizer):
         weight_decay: float = 1e-2,
         *,
         maximize: bool = False,
+        capturable: bool = False,
         max_grad_norm: float | None = None,
         max_grad_value: float | None = None,
         master_weights: bool = False,
@@ -88,7 +89,7 @@ class AdEMAMix(FusedOptimizer):
             raise ValueError("t_beta3 needs beta1 > 0 (the beta3 scheduler takes ln(beta1))")
         defaults = dict(
             lr=lr, betas=betas, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
-            weight_decay=weight_decay, maximize=maximize,
+            weight_decay=weight_decay, maximize=maximize, capturable=capturable,
         )  # fmt: skip
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, max_grad_value=max_grad_value,

@@ -41,6 +41,7 @@ class Lion(FusedOptimizer):
         weight_decay: float = 0.0,
         *,
         maximize: bool = False,
+        capturable: bool = False,
         max_grad_norm: float | None = None,
         max_grad_value: float | None = None,
         master_weights: bool = False,
@@ -48,7 +49,8 @@ class Lion(FusedOptimizer):
         process_group=None,
     ) -> None:
         validate_common(lr, weight_decay, betas, max_grad_norm, max_grad_value)
-        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+                        capturable=capturable)  # fmt: skip
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, max_grad_value=max_grad_value,
             master_weights=master_weights, backend=backend, process_group=process_group,

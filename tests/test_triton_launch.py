@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 import torch
+from host_sync import forbid_host_sync
 from triton.runtime.interpreter import InterpretedFunction
 
 import fastopt
@@ -134,27 +135,6 @@ def test_one_gradient_dtype_per_call():
     masters = [p.float() for p in params]
     with pytest.raises(ValueError, match="gradient"):
         K.lion_(params, grads, [torch.zeros(4) for _ in params], masters, **lion_kw())
-
-
-@contextlib.contextmanager
-def forbid_host_sync():
-    """Make every host-synchronising Tensor method raise while active."""
-    names = ("item", "__bool__", "cpu", "tolist", "__float__", "__int__", "numpy")
-    saved = {name: getattr(torch.Tensor, name) for name in names}
-
-    def make(name):
-        def forbidden(self, *args, **kwargs):
-            raise AssertionError(f"host sync: Tensor.{name} called during the step")
-
-        return forbidden
-
-    for name in names:
-        setattr(torch.Tensor, name, make(name))
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
 
 
 def test_backend_calls_never_read_device_tensors():
