@@ -434,3 +434,69 @@ def test_lion_rejected_group_leaves_optimizer_unchanged():
     with pytest.raises(TypeError, match="complex"):
         opt.add_param_group({"params": [torch.zeros(2, dtype=torch.complex64, requires_grad=True)]})
     assert len(opt.param_groups) == 1
+
+
+def test_step_plan_rebuilds_on_every_change_it_relies_on(backend):
+    """NOTE [persistent step plan] (csrc/plan.cpp): each change below must reach the
+    update (here: the same result as torch's AdamW fed the same changes)."""
+    base = [torch.randn(33), torch.randn(4, 4), torch.randn(7)]
+    pa, pb = clone_params(base), clone_params(base)
+    ref = torch.optim.AdamW(pa, lr=1e-2, foreach=False)
+    opt = fastopt.AdamW(pb, lr=1e-2, backend=backend)
+    gen = torch.Generator().manual_seed(1)
+
+    def both_step(grads=None):
+        grads = grads or [torch.randn(p.shape, generator=gen) for p in base]
+        set_grads(pa, grads)
+        set_grads(pb, grads)
+        ref.step()
+        opt.step()
+        assert_state_equal(ref, pa, opt, pb, ("step", "exp_avg", "exp_avg_sq"))
+
+    both_step()
+    both_step()
+    if backend == "cpu":  # the compiled backend's groups run from the C++ plan
+        assert opt._gatherer._cache[0].native is not None
+    # a parameter's whole state dict replaced (same values, new objects)
+    for o, p in ((ref, pa[0]), (opt, pb[0])):
+        o.state[p] = {k: v.clone() for k, v in o.state[p].items()}
+    both_step()
+    # a state entry deleted and put back (it moves in the dict)
+    for o, p in ((ref, pa[1]), (opt, pb[1])):
+        moment = o.state[p].pop("exp_avg_sq")
+        o.state[p]["exp_avg_sq"] = moment.mul(0.5)
+    both_step()
+    # unrelated entries added to optimizer.state (its table grows and moves)
+    extra = [torch.zeros(1) for _ in range(40)]
+    for e in extra:
+        opt.state[e] = {}
+        ref.state[e] = {}
+    both_step()
+    # a parameter loses its gradient, then gets it back
+    grads = [torch.randn(p.shape, generator=gen) for p in base]
+    grads[2] = None
+    both_step(grads)
+    both_step()
+
+
+def test_step_plan_sees_a_new_gradient_dtype():
+    """bf16 params whose grads turn fp32 (Tensor.grad_dtype): another bucket. The
+    cached optimizer's step equals a fresh optimizer's (no cache) from the same state."""
+    p = torch.randn(40).bfloat16().requires_grad_()
+    opt = fastopt.AdamW([p], lr=1e-2, backend="cpu", master_weights=True)
+    for _ in range(2):
+        p.grad = torch.randn(40).bfloat16()
+        opt.step()
+    q = p.detach().clone().requires_grad_()
+    fresh = fastopt.AdamW([q], lr=1e-2, backend="cpu", master_weights=True)
+    fresh.load_state_dict(opt.state_dict())
+    g = torch.randn(40)
+    p.grad_dtype = q.grad_dtype = None  # allow fp32 grads of bf16 params
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    fresh.step()
+    assert torch.equal(p, q)
+    for key in ("master_param", "exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(opt.state[p][key], fresh.state[q][key]), key
+    (key,) = opt._gatherer._cache[0].buckets
+    assert key[2] == torch.float32  # the grad dtype of the rebuilt bucket
