@@ -93,7 +93,7 @@ class Bucket:
             getattr(self.native, op)(**kwargs)
             return
         states = [self.steps if k == "step" else self.states.get(k, []) for k in lists]
-        getattr(self.impl, op)(self.params, self.grads, *states, **kwargs)
+        getattr(self._impl(), op)(self.params, self.grads, *states, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -105,7 +105,13 @@ class Bucket:
         max_grad_value = None if max_grad_value is None else float(max_grad_value)
         if self.native_ops:
             return self.native.grad_sumsq(grad_mul=grad_mul, max_grad_value=max_grad_value)
-        return self.impl.grad_sumsq(self.grads, grad_mul=grad_mul, max_grad_value=max_grad_value)
+        return self._impl().grad_sumsq(self.grads, grad_mul=grad_mul, max_grad_value=max_grad_value)
+
+    def _impl(self):
+        # traced, the Triton launchers go in as opaque ops (NOTE [triton under torch.compile])
+        if torch.compiler.is_compiling():
+            return getattr(self.impl, "traceable", None) or self.impl
+        return self.impl
 
     def refresh(self, grads: list[Tensor | None], optimizer_state) -> bool:
         """Re-take this step's gradients; False if anything the cache relied on changed.

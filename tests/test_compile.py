@@ -41,7 +41,8 @@ def _grads(steps: int, bad: float = float("inf")) -> list[list[torch.Tensor]]:
     return out
 
 
-def _run(name: str, compile_backend: str | None, steps: int = 10, lr_scheduler: bool = False):
+def _run(name: str, compile_backend: str | None, steps: int = 10, lr_scheduler: bool = False,
+         backend: str = "cpu"):
     """Train ``steps`` steps with a warm-up schedule on a tensor lr; returns the
     parameters, the optimizer and the compile counter (None in eager).
 
@@ -54,7 +55,7 @@ def _run(name: str, compile_backend: str | None, steps: int = 10, lr_scheduler: 
     counters.clear()
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(n, generator=gen, requires_grad=True) for n in SIZES]
-    opt = OPTIMIZERS[name](params, torch.tensor(1e-2), backend="cpu", max_grad_norm=1.0)
+    opt = OPTIMIZERS[name](params, torch.tensor(1e-2), backend=backend, max_grad_norm=1.0)
     sched = schedules.warmup_decay(opt, warmup_steps=4, total_steps=steps) if lr_scheduler else None
     counter = None
     step = opt.step
@@ -86,10 +87,16 @@ def _assert_same(a, b) -> None:
     assert oa.param_groups[0]["lr"] == ob.param_groups[0]["lr"]
 
 
+# the compiled ops, and the Triton launchers (as opaque ops under the interpreter here)
+BACKENDS = [b for b in ("cpu", "triton") if b in fastopt.available_backends()
+            and fastopt.backends._module(b).supports(torch.device("cpu"))]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_compiled_step_matches_eager_without_breaks_or_recompiles(name):
-    eager_params, eager_opt, _ = _run(name, None)
-    params, opt, counter = _run(name, "aot_eager")
+def test_compiled_step_matches_eager_without_breaks_or_recompiles(name, backend):
+    eager_params, eager_opt, _ = _run(name, None, backend=backend)
+    params, opt, counter = _run(name, "aot_eager", backend=backend)
     assert dict(counters["graph_break"]) == {}
     assert counter.frame_count == 1  # the lr moved every step: still one graph
     _assert_same((params, opt), (eager_params, eager_opt))

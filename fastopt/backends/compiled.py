@@ -79,15 +79,20 @@ def functions() -> SimpleNamespace:
     return _functions
 
 
+def _update_fake(*args, **kwargs) -> None:
+    return None
+
+
+def _grad_sumsq_fake(grads: list[Tensor], *, grad_mul=None, max_grad_value=None) -> Tensor:
+    device = grads[0].device if grads else torch.device("cpu")
+    return torch.empty((), dtype=torch.float32, device=device)
+
+
+def fake(name: str):
+    """The fake kernel of op ``name`` (also used for the Triton launchers' ops)."""
+    return _grad_sumsq_fake if name == "grad_sumsq" else _update_fake
+
+
 if LOAD_ERROR is None:
-
-    def _update_fake(*args, **kwargs) -> None:
-        return None
-
-    for _name in UPDATE_OPS:
-        torch.library.register_fake(f"fastopt::{_name}", _update_fake)
-
-    @torch.library.register_fake("fastopt::grad_sumsq")
-    def _grad_sumsq_fake(grads: list[Tensor], *, grad_mul=None, max_grad_value=None) -> Tensor:
-        device = grads[0].device if grads else torch.device("cpu")
-        return torch.empty((), dtype=torch.float32, device=device)
+    for _name in (*UPDATE_OPS, "grad_sumsq"):
+        torch.library.register_fake(f"fastopt::{_name}", fake(_name))

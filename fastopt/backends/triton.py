@@ -20,7 +20,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 
@@ -82,5 +82,39 @@ def supports(device: torch.device) -> bool:
 
 
 def functions() -> ModuleType:
-    """The update functions: the launchers of ``fastopt.triton_kernels`` (the ops' signatures)."""
-    return kernels()
+    """The update functions: the launchers of ``fastopt.triton_kernels`` (the ops' signatures).
+
+    The module also gets ``traceable``: the same launchers registered as the ops
+    ``torch.ops.fastopt_triton.*`` (NOTE [triton under torch.compile])."""
+    module = kernels()
+    if "traceable" not in module.__dict__:
+        module.traceable = _as_ops(module)
+    return module
+
+
+# NOTE [triton under torch.compile]
+# dynamo cannot trace the launchers (they build pointer tables from data_ptr()
+# and launch through Triton's runtime), and a graph break per bucket would
+# split every compiled step. So a traced step calls them as custom ops, which
+# dynamo keeps opaque: the schemas are the compiled ops' own (csrc/ops.cpp, the
+# one place they are written; the mutated lists are marked there), the fake
+# kernels describe outputs only, and the implementation is the launcher. Eager
+# steps call the launchers directly (no dispatcher hop).
+_library = None
+
+
+def _as_ops(module: ModuleType) -> SimpleNamespace | None:
+    global _library
+    from fastopt.backends import compiled
+
+    if compiled.LOAD_ERROR is not None:  # no schemas to copy: a traced step breaks instead
+        return None
+    names = ("adamw_", "lion_", "ademamix_", "grad_sumsq")
+    if _library is None:
+        _library = torch.library.Library("fastopt_triton", "DEF")
+        for name in names:
+            schema = str(getattr(torch.ops.fastopt, name).default._schema).split("::", 1)[1]
+            _library.define(schema)
+            _library.impl(name, getattr(module, name), "CompositeExplicitAutograd")
+            torch.library.register_fake(f"fastopt_triton::{name}", compiled.fake(name))
+    return SimpleNamespace(**{n: getattr(torch.ops.fastopt_triton, n).default for n in names})
