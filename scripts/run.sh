@@ -61,7 +61,12 @@ case "$job" in
     # bytes formula, interleaving); the timed cases stay out of the test run.
     if [ "$#" -eq 0 ]; then
       python -m pytest -q -p no:cacheprovider benchmarks/test_bench_cpu.py -k "not test_step"
+      # the host-overhead benchmark end to end, in its smoke mode (no verdicts)
+      python -m benchmarks.bench_host --quick > /dev/null
     fi
+    # The frameworks tests/test_integrations.py drives (Lightning, transformers,
+    # accelerate), pinned, with torch kept as installed.
+    bash scripts/install_integrations.sh
     exec python -m pytest -q -p no:cacheprovider tests "$@"
     ;;
   bench)
