@@ -68,13 +68,15 @@ def applied_steps(optimizer: torch.optim.Optimizer) -> int:
     finds an inf, so a scaler-skipped step leaves it unchanged too. Both
     counts live in (or are rebuilt from) the optimizer's state dict, so a
     resumed run continues the schedule where it stopped. A wrapper that
-    exposes its optimizer as ``.optim`` (``ZeroRedundancyOptimizer``) is read
-    through: each rank's local optimizer holds the same counts.
+    exposes its optimizer as ``.optim`` (``ZeroRedundancyOptimizer``) or
+    ``.optimizer`` (accelerate's ``AcceleratedOptimizer``) is read through: each
+    rank's local optimizer holds the same counts.
     """
-    while not hasattr(optimizer, "applied_steps") and isinstance(
-        getattr(optimizer, "optim", None), torch.optim.Optimizer
-    ):
-        optimizer = optimizer.optim
+    while not hasattr(optimizer, "applied_steps"):
+        inner = getattr(optimizer, "optim", None) or getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            break
+        optimizer = inner
     count = getattr(optimizer, "applied_steps", None)
     if count is not None:
         return int(count)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import fastopt
 from fastopt.schedules import WarmupDecay, applied_steps, lr_factor, warmup_decay
 
 BASE_LR = 0.5
@@ -195,3 +196,20 @@ def test_bad_arguments(kwargs):
     opt, _ = _opt()
     with pytest.raises(ValueError):
         warmup_decay(opt, **kwargs)
+
+
+def test_applied_steps_reads_through_an_optimizer_attribute():
+    """accelerate's AcceleratedOptimizer (an Optimizer) keeps the real one as `.optimizer`."""
+    p = torch.zeros(3, requires_grad=True)
+    inner = fastopt.AdamW([p], lr=0.1, max_grad_norm=1.0, backend="reference")
+
+    class Wrapper(torch.optim.Optimizer):
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+            self.param_groups = optimizer.param_groups
+            self.state = {}  # deliberately not the inner state: only the counters tell
+
+    for g in (torch.ones(3), torch.full((3,), float("nan")), torch.ones(3)):
+        p.grad = g
+        inner.step()
+    assert applied_steps(Wrapper(inner)) == 2
