@@ -33,12 +33,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastopt import _distributed, backends
+from fastopt import _compressed, _distributed, backends
 
 _LOCAL = attrgetter("_local_tensor")
 _DTYPE = attrgetter("dtype")
 _IS_SPARSE = attrgetter("is_sparse")
 _GRAD = attrgetter("grad")
+_MASTER_LIST = {_compressed.REMAINDER_KEY: _compressed.MASTER_KEY}
 
 
 class Bucket:
@@ -171,7 +172,8 @@ def _build(optimizer, gi: int, group: dict[str, Any], grads: list[Tensor | None]
         # The ops mutate p in place under no_grad; p itself (not a detached
         # alias) is passed so that a later `p.data = ...` is seen.
         held = [state[k] for k in keys]
-        master = state.get("master_param") if optimizer.uses_master(p) else None
+        master_key = optimizer.master_key(p)
+        master = state.get(master_key) if master_key is not None else None
         if master is not None:
             held.append(master)
         domain = _distributed.domain_of(p, g, optimizer.process_group, where)
@@ -180,7 +182,9 @@ def _build(optimizer, gi: int, group: dict[str, Any], grads: list[Tensor | None]
             tensors = [torch.view_as_real(t.detach()) for t in tensors]
             cacheable = False
         dense = all(t.is_contiguous() for t in tensors)
-        key = (p.device, tensors[0].dtype, tensors[1].dtype, master is not None, dense, domain)
+        moments = held[0].dtype if held else None
+        key = (p.device, tensors[0].dtype, tensors[1].dtype, master_key if master is not None
+               else None, moments, dense, domain)  # fmt: skip
         bucket = buckets.get(key)
         if bucket is None:
             fast = dense and backends.fast_dtypes(tensors[0].dtype, tensors[1].dtype)
@@ -192,9 +196,10 @@ def _build(optimizer, gi: int, group: dict[str, Any], grads: list[Tensor | None]
         bucket.params.append(tensors[0])
         bucket.originals.append(p)
         bucket.grads.append(tensors[1])
-        names = keys + (("master_param",) if master is not None else ())
+        names = keys + ((master_key,) if master is not None else ())
         for k, t, h in zip(names, tensors[2:], held):
-            bucket.states[k].append(t)
+            # Remainders travel in the ops' master list (NOTE [master remainder]).
+            bucket.states[_MASTER_LIST.get(k, k)].append(t)
             bucket.held[k].append(h)
         bucket.steps.append(state["step"])
         bucket.indices.append(pi)
