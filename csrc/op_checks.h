@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <fastopt/update_math.h>
 #include <c10/util/Exception.h>
 
 #include <limits>
@@ -38,15 +39,16 @@ inline void check_list(const char* op, const char* name, at::TensorList list,
 struct UpdateLists {
   at::ScalarType param;  // params
   at::ScalarType grad;   // grads: the params' dtype, or float32 for bf16/fp16 params
-  at::ScalarType state;  // moments: float32 with master weights, else the params' dtype
-  bool master;           // master_params given
+  at::ScalarType state;  // moments: float32, bfloat16 or the params' dtype (state_dtype)
+  Master master;         // master_params: absent, fp32 masters or int16 remainders
 };
 
-// Checks params (non-empty, on a `device_type` device), grads and
-// master_params; each op checks its moments after.
+// Checks params (non-empty, on a `device_type` device), grads, master_params
+// and the dtype of the moments, taken from exp_avgs[0]; each op checks its
+// moment lists against it after.
 inline UpdateLists check_update_lists(const char* op, c10::DeviceType device_type,
                                       at::TensorList params, at::TensorList grads,
-                                      at::TensorList master_params) {
+                                      at::TensorList master_params, at::TensorList exp_avgs) {
   UpdateLists l;
   TORCH_CHECK(params[0].defined() && params[0].device().type() == device_type, op,
               ": params[0] must be a ", c10::DeviceTypeName(device_type, /*lower_case=*/true),
@@ -65,12 +67,27 @@ inline UpdateLists check_update_lists(const char* op, c10::DeviceType device_typ
               "; grads must have the params' dtype (", c10::toString(l.param),
               ") or, for bfloat16/float16 params, float32");
   check_list(op, "grads", grads, l.grad, params);
-  l.master = !master_params.empty();
-  TORCH_CHECK(!l.master || l.param != at::kFloat, op,
-              ": master_params given for float32 params (master weights are for "
-              "bfloat16/float16 params only)");
-  l.state = l.master ? at::kFloat : l.param;
-  if (l.master) check_list(op, "master_params", master_params, at::kFloat, params);
+  l.master = Master::kNone;
+  if (!master_params.empty()) {
+    TORCH_CHECK(l.param != at::kFloat, op,
+                ": master_params given for float32 params (master weights are for "
+                "bfloat16/float16 params only)");
+    const at::ScalarType m =
+        master_params[0].defined() ? master_params[0].scalar_type() : at::kFloat;
+    TORCH_CHECK(m == at::kFloat || (m == at::kShort && l.param == at::kBFloat16), op,
+                ": master_params[0] has dtype ", c10::toString(m),
+                "; expected float32 (masters) or, for bfloat16 params, int16 (remainders, "
+                "NOTE [master remainder])");
+    l.master = m == at::kFloat ? Master::kFp32 : Master::kRemainder;
+    check_list(op, "master_params", master_params, m, params);
+  }
+  TORCH_CHECK(exp_avgs.size() == params.size(), op, ": exp_avgs has ", exp_avgs.size(),
+              " tensors but params has ", params.size());
+  l.state = exp_avgs[0].defined() ? exp_avgs[0].scalar_type() : at::kFloat;
+  TORCH_CHECK(l.state == at::kFloat || l.state == at::kBFloat16 || l.state == l.param, op,
+              ": exp_avgs[0] has dtype ", c10::toString(l.state),
+              "; the moments are float32, bfloat16 or the params' dtype (",
+              c10::toString(l.param), ")");
   return l;
 }
 

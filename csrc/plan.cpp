@@ -123,7 +123,7 @@ class BucketPlan {
   // those dicts, in bucket order.
   BucketPlan(const py::list& params, const py::list& grads, std::vector<int64_t> indices,
              at::ScalarType grad_dtype, bool dense, const py::list& state_dicts,
-             const py::dict& held)
+             const py::dict& held, const py::dict& aliases)
       : indices_(std::move(indices)), grad_dtype_(grad_dtype), dense_(dense) {
     const size_t n = params.size();
     TORCH_CHECK(n > 0 && grads.size() == n && indices_.size() == n && state_dicts.size() == n,
@@ -142,7 +142,11 @@ class BucketPlan {
       const py::list tensors = py::reinterpret_borrow<py::list>(item.second);
       TORCH_CHECK(tensors.size() == n, "fastopt step plan: state '", key, "' has ",
                   tensors.size(), " tensors for ", n, " params");
-      std::vector<Tensor>& list = lists_[key];
+      // the op list a state feeds, when not its own name (a remainder travels in
+      // the ops' master list: NOTE [master remainder] in update_math.h)
+      const std::string list_name =
+          aliases.contains(key) ? py::cast<std::string>(aliases[py::str(key)]) : key;
+      std::vector<Tensor>& list = lists_[list_name];
       list.reserve(n);
       for (size_t j = 0; j < n; ++j) {
         py::handle t = tensors[j];
@@ -358,9 +362,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   py::class_<BucketPlan, std::shared_ptr<BucketPlan>>(m, "BucketPlan")
       .def(py::init<const py::list&, const py::list&, std::vector<int64_t>, at::ScalarType, bool,
-                    const py::list&, const py::dict&>(),
+                    const py::list&, const py::dict&, const py::dict&>(),
            py::arg("params"), py::arg("grads"), py::arg("indices"), py::arg("grad_dtype"), py::arg("dense"),
-           py::arg("state_dicts"), py::arg("held"))
+           py::arg("state_dicts"), py::arg("held"), py::arg("aliases"))
       .def("grads", &BucketPlan::grads)
       .def("__len__", &BucketPlan::size)
       .def("add_steps", &BucketPlan::add_steps, py::arg("value"))

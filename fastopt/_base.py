@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastopt import _distributed, _norm, _state, backends
+from fastopt import _compressed, _distributed, _norm, _state, backends
 from fastopt._gather import Bucket, Gatherer, build_buckets, gather_uncached
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -138,9 +138,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         *,
         max_grad_norm: float | None,
         max_grad_value: float | None,
-        master_weights: bool,
+        master_weights: bool | str,
         backend: str,
         process_group=None,
+        state_dtype=None,
     ) -> None:
         backends.check(backend)
         # NOTE [global norm over shards]: the group over which the norm and the
@@ -149,7 +150,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.max_grad_value = None if max_grad_value is None else float(max_grad_value)
-        self.master_weights = bool(master_weights)
+        self.master_weights = _compressed.parse_master_weights(master_weights)
+        # The moments' storage (SPEC §8); None: the policy of ``state_dtype(p)``.
+        self.moment_dtype = _compressed.parse_state_dtype(state_dtype)
         self.last_grad_norm: Tensor | None = None
         super().__init__(params, defaults)
         self._make_counters()
@@ -238,9 +241,25 @@ class FusedOptimizer(torch.optim.Optimizer):
     # ---- per-parameter state ---------------------------------------------------------
 
     def uses_master(self, p: Tensor) -> bool:
-        return self.master_weights and p.dtype in _LOW_PRECISION
+        """Whether the update of ``p`` runs on a master (fp32, or bf16 + remainder)."""
+        return self.master_weights is not False and p.dtype in _LOW_PRECISION
+
+    def uses_remainder(self, p: Tensor) -> bool:
+        """NOTE [master remainder]: bf16 params under ``master_weights="remainder"``
+        (fp16 params keep an fp32 master: their bits are not fp32's upper half)."""
+        return self.master_weights == "remainder" and p.dtype == torch.bfloat16
+
+    def master_key(self, p: Tensor) -> str | None:
+        """The state key of ``p``'s master: ``master_param``, ``master_remainder`` or None."""
+        if not self.uses_master(p):
+            return None
+        return _compressed.REMAINDER_KEY if self.uses_remainder(p) else _compressed.MASTER_KEY
 
     def state_dtype(self, p: Tensor) -> torch.dtype:
+        """The moments' storage: ``state_dtype=`` when given (real params), else fp32
+        under master weights and the param's dtype otherwise."""
+        if self.moment_dtype is not None and not torch.is_complex(p):
+            return self.moment_dtype
         return torch.float32 if self.uses_master(p) else p.dtype
 
     def state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
@@ -265,8 +284,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state[key] = torch.zeros_like(
                     p, dtype=self.state_dtype(p), memory_format=torch.preserve_format
                 )
-        if self.uses_master(p) and "master_param" not in state:
-            state["master_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
+        key = self.master_key(p)
+        if key is not None and key not in state:
+            state[key] = _state.initial_master(p, key)
 
     def _init_group(self, group: dict[str, Any]) -> None:
         """Create the state of every parameter of ``group`` that has a gradient, and
@@ -361,7 +381,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     # ---- pickling / deepcopy ------------------------------------------------------------
 
     _FLAGS = dict(backend="auto", max_grad_norm=None, max_grad_value=None, master_weights=False,
-                  process_group=None, last_grad_norm=None)  # fmt: skip
+                  moment_dtype=None, process_group=None, last_grad_norm=None)  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastopt import _distributed, backends
+from fastopt import _compressed, _distributed, backends
 
 try:
     from fastopt._C import BucketPlan, GroupPlan
@@ -49,6 +49,7 @@ _LOCAL = attrgetter("_local_tensor")
 _DTYPE = attrgetter("dtype")
 _IS_SPARSE = attrgetter("is_sparse")
 _GRAD = attrgetter("grad")
+_MASTER_LIST = {_compressed.REMAINDER_KEY: _compressed.MASTER_KEY}
 
 
 class Bucket:
@@ -89,11 +90,17 @@ class Bucket:
         """Call update op ``op`` (``adamw_``, ...) on this bucket: through the C++ plan
         when it holds the tensors, else with the lists ``params, grads, *lists``
         (state keys; a missing key is an empty list) and ``kwargs``."""
+        remainders = self.held.get(_compressed.REMAINDER_KEY)
+        if remainders and not torch.compiler.is_compiling():
+            # NOTE [stale remainder] in fastopt/_compressed.py
+            _compressed.reset_stale(self.params, remainders)
         if self.native_ops:
             getattr(self.native, op)(**kwargs)
-            return
-        states = [self.steps if k == "step" else self.states.get(k, []) for k in lists]
-        getattr(self._impl(), op)(self.params, self.grads, *states, **kwargs)
+        else:
+            states = [self.steps if k == "step" else self.states.get(k, []) for k in lists]
+            getattr(self._impl(), op)(self.params, self.grads, *states, **kwargs)
+        if remainders and not torch.compiler.is_compiling():
+            _compressed.mark_written(self.params, remainders)
 
     @property
     def device(self) -> torch.device:
@@ -230,7 +237,8 @@ def _plan(optimizer, params: list[Tensor], buckets: dict[tuple, Bucket]):
         held = {k: v for k, v in b.held.items()}
         held["step"] = b.steps
         b.native = BucketPlan(params=b.params, grads=b.grads, indices=b.indices, grad_dtype=b.grad_dtype,
-                              dense=b.dense, state_dicts=b.state_dicts, held=held)  # fmt: skip
+                              dense=b.dense, state_dicts=b.state_dicts, held=held,
+                              aliases=_MASTER_LIST)  # fmt: skip
         b.native_ops = backends.is_compiled(b.impl)
         plans.append(b.native)
     return GroupPlan(params=params, optimizer_state=optimizer.state, buckets=plans)
@@ -254,7 +262,8 @@ def build_buckets(optimizer, gi: int, group: dict[str, Any], grads: list[Tensor 
         # The ops mutate p in place under no_grad; p itself (not a detached
         # alias) is passed so that a later `p.data = ...` is seen.
         held = [state[k] for k in keys]
-        master = state.get("master_param") if optimizer.uses_master(p) else None
+        master_key = optimizer.master_key(p)
+        master = state.get(master_key) if master_key is not None else None
         if master is not None:
             held.append(master)
         domain = _distributed.domain_of(p, g, optimizer.process_group, where)
@@ -263,7 +272,9 @@ def build_buckets(optimizer, gi: int, group: dict[str, Any], grads: list[Tensor 
             tensors = [torch.view_as_real(t.detach()) for t in tensors]
             cacheable = False
         dense = all(t.is_contiguous() for t in tensors)
-        key = (p.device, tensors[0].dtype, tensors[1].dtype, master is not None, dense, domain)
+        moments = held[0].dtype if held else None
+        key = (p.device, tensors[0].dtype, tensors[1].dtype, master_key if master is not None
+               else None, moments, dense, domain)  # fmt: skip
         bucket = buckets.get(key)
         if bucket is None:
             fast = dense and backends.fast_dtypes(tensors[0].dtype, tensors[1].dtype)
@@ -276,9 +287,10 @@ def build_buckets(optimizer, gi: int, group: dict[str, Any], grads: list[Tensor 
         bucket.params.append(tensors[0])
         bucket.originals.append(p)
         bucket.grads.append(tensors[1])
-        names = keys + (("master_param",) if master is not None else ())
+        names = keys + ((master_key,) if master is not None else ())
         for k, t, h in zip(names, tensors[2:], held):
-            bucket.states[k].append(t)
+            # Remainders travel in the ops' master list (NOTE [master remainder]).
+            bucket.states[_MASTER_LIST.get(k, k)].append(t)
             bucket.held[k].append(h)
         bucket.steps.append(state["step"])
         bucket.indices.append(pi)

@@ -5,6 +5,16 @@ which would turn fp32 masters and fp32 moments of a bf16 parameter into bf16.
 After it runs, the states are re-taken from the saved tensors with the
 optimizer's dtype policy, bit for bit. Loading never changes the optimizer's
 own construction flags (backend, master_weights, max_grad_norm, ...).
+
+The loader casts integer states by value too, so the int16
+``master_remainder`` (NOTE [master remainder]) would come out as bf16 numbers:
+it is re-taken from the saved tensor as well. A checkpoint whose master does
+not match this optimizer's mode is converted (``_load_master``): an fp32
+master becomes a remainder (and the bf16 parameter is set to its split, so the
+pair holds that master exactly), a remainder becomes an fp32 master, and a
+checkpoint without either (torch's AdamW) gives a zero remainder or a master
+equal to the parameter. Moments are stored in the optimizer's state_dtype:
+an fp32 checkpoint loads into bf16 moments rounded to nearest even.
 """
 
 from __future__ import annotations
@@ -16,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastopt import _compressed
+
 COUNTERS = ("attempted_steps", "skipped_steps")
 
 
@@ -26,6 +38,40 @@ def save(optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
         group["attempted_steps"] = optimizer._attempted_steps
         group["skipped_steps"] = skipped
     return state_dict
+
+
+def initial_master(p: Tensor, key: str) -> Tensor:
+    """A new master of ``p``: an fp32 copy, or a zero remainder (the master is p exactly)."""
+    if key == _compressed.REMAINDER_KEY:
+        return torch.zeros_like(p, dtype=torch.int16, memory_format=torch.preserve_format)
+    return p.detach().float().clone(memory_format=torch.preserve_format)
+
+
+def _load_master(optimizer, p: Tensor, state: dict[str, Any], src: dict[str, Any]) -> None:
+    """``p``'s master in this optimizer's mode from the saved state ``src`` (see above)."""
+    key = optimizer.master_key(p)
+    master = src.get(_compressed.MASTER_KEY)
+    remainder = src.get(_compressed.REMAINDER_KEY)
+    state.pop(_compressed.MASTER_KEY, None)
+    state.pop(_compressed.REMAINDER_KEY, None)
+    if key == _compressed.REMAINDER_KEY:
+        if remainder is not None:
+            state[key] = remainder.to(device=p.device, dtype=torch.int16, copy=True)
+        elif master is not None:
+            hi, lo = _compressed.split(master.to(device=p.device, dtype=torch.float32))
+            with torch.no_grad():
+                p.detach().view(torch.int16).copy_(hi.view(torch.int16))
+            state[key] = lo.clone()
+        else:
+            state[key] = initial_master(p, key)
+        _compressed.forget(state[key])
+    elif key == _compressed.MASTER_KEY:
+        if master is not None:
+            state[key] = master.to(device=p.device, dtype=torch.float32, copy=True)
+        elif remainder is not None and p.dtype == torch.bfloat16:
+            state[key] = _compressed.join(p, remainder.to(device=p.device, dtype=torch.int16))
+        else:
+            state[key] = initial_master(p, key)
 
 
 def load(optimizer, state_dict: dict[str, Any], torch_load: Callable[[dict], None]) -> None:
@@ -51,19 +97,11 @@ def load(optimizer, state_dict: dict[str, Any], torch_load: Callable[[dict], Non
         for key, value in src.items():
             if key == "step":
                 state["step"] = optimizer.step_tensor(p, float(value))
-            elif key == "master_param":
+            elif key in (_compressed.MASTER_KEY, _compressed.REMAINDER_KEY):
                 continue
             elif isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
                 state[key] = value.to(device=p.device, dtype=optimizer.state_dtype(p), copy=True)
-        if optimizer.uses_master(p):
-            master = src.get("master_param")
-            state["master_param"] = (
-                master.to(device=p.device, dtype=torch.float32, copy=True)
-                if master is not None
-                else p.detach().float().clone(memory_format=torch.preserve_format)
-            )
-        else:
-            state.pop("master_param", None)
+        _load_master(optimizer, p, state, src)
         optimizer.init_state(p, group_of[id(p)])
     if len(counters) == len(COUNTERS):
         optimizer._skipped_steps = int(counters["skipped_steps"])

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastopt import backends
+from fastopt import _compressed, backends
 from fastopt._base import FusedOptimizer, run_closure, validate_common
 
 __all__ = ["AdamW", "adamw"]
@@ -41,8 +41,17 @@ class AdamW(FusedOptimizer):
         max_grad_value: clamp every gradient element to ``[-c, c]`` inside the
             update (before the norm is taken, as ``clip_grad_value_`` then
             ``clip_grad_norm_`` would).
-        master_weights: bf16/fp16 parameters get an fp32 ``master_param`` and
-            fp32 moments; the parameter is the master rounded to nearest even.
+        master_weights: ``True``: bf16/fp16 parameters get an fp32 ``master_param``
+            and fp32 moments; the parameter is the master rounded to nearest even.
+            ``"remainder"``: a bf16 parameter gets an int16 ``master_remainder``
+            instead, and parameter plus remainder hold the same fp32 master
+            exactly; the parameter is then the master rounded to nearest, ties
+            away from zero (NOTE [master remainder]; fp16 parameters keep an fp32
+            master). A parameter overwritten from outside resets its remainder
+            (NOTE [stale remainder] in fastopt/_compressed.py).
+        state_dtype: storage of the moments: None (fp32 with master weights or
+            fp32 params, else the param dtype), ``torch.float32`` or
+            ``torch.bfloat16`` (rounded to nearest even on every store).
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     ``foreach`` and ``fused`` are accepted for compatibility; the kernel is
@@ -68,9 +77,10 @@ class AdamW(FusedOptimizer):
         fused: bool | None = None,
         max_grad_norm: float | None = None,
         max_grad_value: float | None = None,
-        master_weights: bool = False,
+        master_weights: bool | str = False,
         backend: str = "auto",
         process_group=None,
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
         if differentiable:
             raise NotImplementedError(
@@ -89,6 +99,7 @@ class AdamW(FusedOptimizer):
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, max_grad_value=max_grad_value,
             master_weights=master_weights, backend=backend, process_group=process_group,
+            state_dtype=state_dtype,
         )  # fmt: skip
 
     _moment_keys = ("exp_avg", "exp_avg_sq")
@@ -168,6 +179,9 @@ def adamw(
         return
     device = params[0].device
     impl = backends.resolve(backend, device, params[0].dtype, grads[0].dtype)
+    remainders = _compressed.is_remainder(master_params)
+    if remainders:  # NOTE [stale remainder] in fastopt/_compressed.py
+        _compressed.reset_stale(params, master_params)
     impl.adamw_(
         params, grads, exp_avgs, exp_avg_sqs, (max_exp_avg_sqs or []) if amsgrad else [],
         master_params or [], state_steps,
@@ -175,3 +189,5 @@ def adamw(
                    amsgrad=amsgrad, maximize=maximize, grad_mul=grad_mul,
                    max_grad_value=max_grad_value, clip_coef=clip_coef, skip=skip),
     )  # fmt: skip
+    if remainders:
+        _compressed.mark_written(params, master_params)

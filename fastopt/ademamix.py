@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastopt import backends
+from fastopt import _compressed, backends
 from fastopt._base import FusedOptimizer, run_closure, validate_common
 
 __all__ = ["AdEMAMix", "ademamix"]
@@ -53,8 +53,8 @@ class AdEMAMix(FusedOptimizer):
             {\sqrt{v/(1-\beta_2^t)} + \epsilon} + \lambda\theta\right)
 
     ``t_alpha`` / ``t_beta3`` None: no warm-up. ``max_grad_norm``,
-    ``max_grad_value``, loss scaling, ``master_weights`` and ``backend`` behave
-    as in :class:`fastopt.AdamW`.
+    ``max_grad_value``, loss scaling, ``master_weights`` (incl. ``"remainder"``),
+    ``state_dtype`` and ``backend`` behave as in :class:`fastopt.AdamW`.
     """
 
     _moment_keys = ("exp_avg", "exp_avg_slow", "exp_avg_sq")
@@ -74,9 +74,10 @@ class AdEMAMix(FusedOptimizer):
         capturable: bool = False,
         max_grad_norm: float | None = None,
         max_grad_value: float | None = None,
-        master_weights: bool = False,
+        master_weights: bool | str = False,
         backend: str = "auto",
         process_group=None,
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
         validate_common(lr, weight_decay, betas, max_grad_norm, max_grad_value, n_betas=3)
         if not 0.0 <= eps:
@@ -94,6 +95,7 @@ class AdEMAMix(FusedOptimizer):
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, max_grad_value=max_grad_value,
             master_weights=master_weights, backend=backend, process_group=process_group,
+            state_dtype=state_dtype,
         )  # fmt: skip
 
     @torch.no_grad()
@@ -176,6 +178,9 @@ def ademamix(
         return
     device = params[0].device
     impl = backends.resolve(backend, device, params[0].dtype, grads[0].dtype)
+    remainders = _compressed.is_remainder(master_params)
+    if remainders:  # NOTE [stale remainder] in fastopt/_compressed.py
+        _compressed.reset_stale(params, master_params)
     impl.ademamix_(
         params, grads, exp_avgs, exp_avgs_slow, exp_avg_sqs, master_params or [],
         state_steps,
@@ -184,3 +189,5 @@ def ademamix(
                    maximize=maximize, grad_mul=grad_mul, max_grad_value=max_grad_value,
                    clip_coef=clip_coef, skip=skip),
     )  # fmt: skip
+    if remainders:
+        _compressed.mark_written(params, master_params)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastopt import backends
+from fastopt import _compressed, backends
 from fastopt._base import FusedOptimizer, run_closure, validate_common
 
 __all__ = ["Lion", "lion"]
@@ -27,8 +27,8 @@ class Lion(FusedOptimizer):
         m &\gets \beta_2 m + (1-\beta_2)\,g
 
     with :math:`\mathrm{sign}(0) = 0`. ``max_grad_norm``, ``max_grad_value``,
-    loss scaling, ``master_weights`` and ``backend`` behave as in
-    :class:`fastopt.AdamW`. Complex parameters raise ``TypeError``.
+    loss scaling, ``master_weights`` (incl. ``"remainder"``), ``state_dtype`` and
+    ``backend`` behave as in :class:`fastopt.AdamW`. Complex parameters raise ``TypeError``.
     """
 
     _moment_keys = ("exp_avg",)
@@ -44,9 +44,10 @@ class Lion(FusedOptimizer):
         capturable: bool = False,
         max_grad_norm: float | None = None,
         max_grad_value: float | None = None,
-        master_weights: bool = False,
+        master_weights: bool | str = False,
         backend: str = "auto",
         process_group=None,
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
         validate_common(lr, weight_decay, betas, max_grad_norm, max_grad_value)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
@@ -54,6 +55,7 @@ class Lion(FusedOptimizer):
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, max_grad_value=max_grad_value,
             master_weights=master_weights, backend=backend, process_group=process_group,
+            state_dtype=state_dtype,
         )  # fmt: skip
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -130,9 +132,14 @@ def lion(
         return
     device = params[0].device
     impl = backends.resolve(backend, device, params[0].dtype, grads[0].dtype)
+    remainders = _compressed.is_remainder(master_params)
+    if remainders:  # NOTE [stale remainder] in fastopt/_compressed.py
+        _compressed.reset_stale(params, master_params)
     impl.lion_(
         params, grads, exp_avgs, master_params or [],
         **_op_args(device, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
                    maximize=maximize, grad_mul=grad_mul, max_grad_value=max_grad_value,
                    clip_coef=clip_coef, skip=skip),
     )  # fmt: skip
+    if remainders:
+        _compressed.mark_written(params, master_params)

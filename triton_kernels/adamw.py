@@ -10,7 +10,6 @@ pieces live in multi_tensor.py (table walk, chunk loop) and elementwise.py
 
 from __future__ import annotations
 
-import torch
 import triton.language as tl
 
 from fastopt.triton_kernels import elementwise as em
@@ -43,7 +42,7 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
     """
     if not params:
         return
-    state_dtype = torch.float32 if master_params else params[0].dtype
+    state_dtype = mt.moment_dtype(params, exp_avgs)
     states = [(exp_avgs, state_dtype), (exp_avg_sqs, state_dtype)]
     if amsgrad:
         states.append((max_exp_avg_sqs, state_dtype))
@@ -54,7 +53,8 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
         _adamw_kernel, table, **shared,
         beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         P_DTYPE=mt.TL_DTYPE[params[0].dtype], G_DTYPE=mt.TL_DTYPE[grads[0].dtype],
-        AMSGRAD=bool(amsgrad), MASTER=bool(master_params),
+        S_DTYPE=mt.TL_DTYPE[state_dtype], MASTER=mt.master_kind(params, master_params),
+        AMSGRAD=bool(amsgrad),
     )  # fmt: skip
 
 
@@ -70,9 +70,10 @@ def _adamw_kernel(
     beta2: tl.float64,
     eps: tl.float64,
     weight_decay: tl.float64,
-    P_DTYPE: tl.constexpr,  # storage dtype of params (and of the moments unless MASTER)
+    P_DTYPE: tl.constexpr,  # storage dtype of params
     G_DTYPE: tl.constexpr,  # storage dtype of grads: P_DTYPE, or fp32 for bf16/fp16 params
-    MASTER: tl.constexpr,  # fp32 master and moments; param written as the rounded master
+    S_DTYPE: tl.constexpr,  # storage dtype of the moments: fp32, bf16 or P_DTYPE
+    MASTER: tl.constexpr,  # 0: none; 1: fp32 master; 2: int16 remainder (NOTE [master remainder])
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned (NOTE [triton multi-tensor])
     AMSGRAD: tl.constexpr,  # read/write max_exp_avg_sq
 ):
@@ -80,7 +81,6 @@ def _adamw_kernel(
         row, start, n, weights = mt.update_prologue(
             chunks_ptr, rows_ptr, P_DTYPE, G_DTYPE, MASTER, ALIGNED
         )
-        S_DTYPE: tl.constexpr = tl.float32 if MASTER else P_DTYPE
         m_ptr = mt.array_ptr(row, EXP_AVG, S_DTYPE, ALIGNED)
         v_ptr = mt.array_ptr(row, EXP_AVG_SQ, S_DTYPE, ALIGNED)
         vmax_ptr = mt.array_ptr(row, MAX_EXP_AVG_SQ, S_DTYPE, ALIGNED) if AMSGRAD else v_ptr
@@ -124,7 +124,7 @@ def _adamw_block(args, offs, mask):
     (p_ptr, g_ptr, w_ptr), (m_ptr, v_ptr, vmax_ptr), coeffs, transform, AMSGRAD, MASTER = args
     one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bias_corr2_sqrt = coeffs
     g = em.transform_grad(em.load(g_ptr, offs, mask), transform)
-    w = em.load(w_ptr, offs, mask) * decay
+    w = em.load_weight(p_ptr, w_ptr, offs, mask, MASTER) * decay
     m = em.lerp(em.load(m_ptr, offs, mask), g, one_minus_beta1)
     v = em.second_moment(em.load(v_ptr, offs, mask), g, beta2, one_minus_beta2)
     v_used = v

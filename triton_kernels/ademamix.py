@@ -10,7 +10,6 @@ six arrays per row, p, g, master, m1, m2, v.
 
 from __future__ import annotations
 
-import torch
 import triton.language as tl
 
 from fastopt.triton_kernels import elementwise as em
@@ -47,7 +46,7 @@ def ademamix_(params, grads, exp_avgs, exp_avgs_slow, exp_avg_sqs, master_params
     """
     if not params:
         return
-    state_dtype = torch.float32 if master_params else params[0].dtype
+    state_dtype = mt.moment_dtype(params, exp_avgs)
     states = [(exp_avgs, state_dtype), (exp_avgs_slow, state_dtype), (exp_avg_sqs, state_dtype)]
     table = mt.update_table(params, grads, master_params, states, state_steps)
     shared = mt.update_args(params[0].device, lr, lr_tensor, maximize, grad_mul, max_grad_value,
@@ -60,7 +59,7 @@ def ademamix_(params, grads, exp_avgs, exp_avgs_slow, exp_avg_sqs, master_params
         t_beta3=0.0 if t_beta3 is None else float(t_beta3),
         eps=eps, weight_decay=weight_decay,
         P_DTYPE=mt.TL_DTYPE[params[0].dtype], G_DTYPE=mt.TL_DTYPE[grads[0].dtype],
-        MASTER=bool(master_params),
+        S_DTYPE=mt.TL_DTYPE[state_dtype], MASTER=mt.master_kind(params, master_params),
     )  # fmt: skip
 
 
@@ -80,16 +79,16 @@ def _ademamix_kernel(
     t_beta3: tl.float64,  # beta3 warm-up length in steps; 0: none
     eps: tl.float64,
     weight_decay: tl.float64,
-    P_DTYPE: tl.constexpr,  # storage dtype of params (and of the moments unless MASTER)
+    P_DTYPE: tl.constexpr,  # storage dtype of params
     G_DTYPE: tl.constexpr,  # storage dtype of grads: P_DTYPE, or fp32 for bf16/fp16 params
-    MASTER: tl.constexpr,  # fp32 master and moments; param written as the rounded master
+    S_DTYPE: tl.constexpr,  # storage dtype of the moments: fp32, bf16 or P_DTYPE
+    MASTER: tl.constexpr,  # 0: none; 1: fp32 master; 2: int16 remainder (NOTE [master remainder])
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned (NOTE [triton multi-tensor])
 ):
     if tl.load(skip_ptr) == 0.0:
         row, start, n, weights = mt.update_prologue(
             chunks_ptr, rows_ptr, P_DTYPE, G_DTYPE, MASTER, ALIGNED
         )
-        S_DTYPE: tl.constexpr = tl.float32 if MASTER else P_DTYPE
         m1_ptr = mt.array_ptr(row, EXP_AVG, S_DTYPE, ALIGNED)
         m2_ptr = mt.array_ptr(row, EXP_AVG_SLOW, S_DTYPE, ALIGNED)
         v_ptr = mt.array_ptr(row, EXP_AVG_SQ, S_DTYPE, ALIGNED)
@@ -145,7 +144,7 @@ def _ademamix_block(args, offs, mask):
     (one_minus_beta1, one_minus_beta3, beta2, one_minus_beta2, alpha, eps, lr, weight_decay,
      bias_corr1, bias_corr2_sqrt) = coeffs  # fmt: skip
     g = em.transform_grad(em.load(g_ptr, offs, mask), transform)
-    w = em.load(w_ptr, offs, mask)
+    w = em.load_weight(p_ptr, w_ptr, offs, mask, MASTER)
     m1 = em.lerp(em.load(m1_ptr, offs, mask), g, one_minus_beta1)
     m2 = em.lerp(em.load(m2_ptr, offs, mask), g, one_minus_beta3)
     v = em.second_moment(em.load(v_ptr, offs, mask), g, beta2, one_minus_beta2)

@@ -60,6 +60,16 @@ def _grad_dtypes(p):
     return (p,) if p == tl.float32 else (p, tl.float32)
 
 
+def _master_and_moments(p):
+    # (MASTER, S_DTYPE) pairs: masters (fp32) for 16-bit params, remainders for bf16;
+    # the moments in the policy's dtype (fp32 with a master, else the param's) or
+    # state_dtype's fp32 / bf16.
+    masters = (0, 1, 2) if p == tl.bfloat16 else (0, 1) if p in LOW_PRECISION else (0,)
+    for master in masters:
+        for s in dict.fromkeys((tl.float32 if master else p, tl.float32, tl.bfloat16)):
+            yield master, s
+
+
 def specialisations() -> Iterator[tuple[str, object, dict[str, object]]]:
     """(label, kernel, constexprs) for every launchable specialisation."""
     for aligned in (True, False):
@@ -71,21 +81,22 @@ def specialisations() -> Iterator[tuple[str, object, dict[str, object]]]:
             )
         for p in STORAGE_DTYPES:
             for g in _grad_dtypes(p):
-                for master in (False, True) if p in LOW_PRECISION else (False,):
-                    common = {"P_DTYPE": p, "G_DTYPE": g, "MASTER": master, "ALIGNED": aligned}
+                for master, s in _master_and_moments(p):
+                    common = {"P_DTYPE": p, "G_DTYPE": g, "S_DTYPE": s, "MASTER": master,
+                              "ALIGNED": aligned}  # fmt: skip
                     for amsgrad in (False, True):
                         yield (
-                            f"adamw p={p} g={g} master={master} amsgrad={amsgrad} aligned={aligned}",
+                            f"adamw p={p} g={g} master={master} s={s} amsgrad={amsgrad} aligned={aligned}",
                             _adamw_kernel,
                             {**common, "AMSGRAD": amsgrad},
                         )
                     yield (
-                        f"lion p={p} g={g} master={master} aligned={aligned}",
+                        f"lion p={p} g={g} master={master} s={s} aligned={aligned}",
                         _lion_kernel,
                         common,
                     )
                     yield (
-                        f"ademamix p={p} g={g} master={master} aligned={aligned}",
+                        f"ademamix p={p} g={g} master={master} s={s} aligned={aligned}",
                         _ademamix_kernel,
                         common,
                     )

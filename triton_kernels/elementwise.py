@@ -137,9 +137,47 @@ def store(ptr, offs, x, mask):
 
 
 @device_fn
+def join_remainder(p, r):
+    """NOTE [master remainder] (update_math.h): the fp32 master of bf16 params ``p``
+    and int16 remainders ``r``, on their bits."""
+    hi = p.to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+    lo = r.to(tl.int32).to(tl.uint32, bitcast=True)  # sign-extended
+    nan = (hi & 0x7FFF0000) > 0x7F800000
+    u = tl.where(nan, hi | (lo & 0xFFFF), hi + lo)
+    return u.to(tl.float32, bitcast=True)
+
+
+@device_fn
+def split_remainder(w):
+    """NOTE [master remainder]: (bf16 param, int16 remainder) of fp32 masters ``w``; the
+    param is the master rounded to nearest, ties away from zero."""
+    u = w.to(tl.uint32, bitcast=True)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    hi = tl.where(nan, (u >> 16) | 0x0040, (u + 0x8000) >> 16)
+    p = hi.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return p, (u & 0xFFFF).to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@device_fn
+def load_weight(p_ptr, w_ptr, offs, mask, MASTER: tl.constexpr):
+    """The fp32 weight the update runs on: the master (fp32, or joined from the param and
+    its remainder when MASTER == 2) or the param itself."""
+    if MASTER == 2:
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        return join_remainder(p, tl.load(w_ptr + offs, mask=mask, other=0))
+    return load(w_ptr, offs, mask)
+
+
+@device_fn
 def store_weight(p_ptr, w_ptr, offs, w, mask, MASTER: tl.constexpr):
     """The updated weight: into the fp32 master and, rounded to nearest even, the
-    param (with master weights); else into the param itself."""
-    if MASTER:
-        tl.store(w_ptr + offs, w, mask=mask)
-    store(p_ptr, offs, w, mask)
+    param (MASTER == 1); split into the param and its remainder (MASTER == 2); else
+    into the param itself."""
+    if MASTER == 2:
+        p, r = split_remainder(w)
+        tl.store(p_ptr + offs, p, mask=mask)
+        tl.store(w_ptr + offs, r, mask=mask)
+    else:
+        if MASTER == 1:
+            tl.store(w_ptr + offs, w, mask=mask)
+        store(p_ptr, offs, w, mask)

@@ -6,7 +6,6 @@ Same layout as adamw.py: launcher ``lion_``, kernel ``_lion_kernel``, block
 
 from __future__ import annotations
 
-import torch
 import triton.language as tl
 
 from fastopt.triton_kernels import elementwise as em
@@ -33,7 +32,7 @@ def lion_(params, grads, exp_avgs, master_params, *,
     """
     if not params:
         return
-    state_dtype = torch.float32 if master_params else params[0].dtype
+    state_dtype = mt.moment_dtype(params, exp_avgs)
     table = mt.update_table(params, grads, master_params, [(exp_avgs, state_dtype)])
     shared = mt.update_args(params[0].device, lr, lr_tensor, maximize, grad_mul, max_grad_value,
                             clip_coef, skip)  # fmt: skip
@@ -41,7 +40,7 @@ def lion_(params, grads, exp_avgs, master_params, *,
         _lion_kernel, table, **shared,
         beta1=beta1, beta2=beta2, weight_decay=weight_decay,
         P_DTYPE=mt.TL_DTYPE[params[0].dtype], G_DTYPE=mt.TL_DTYPE[grads[0].dtype],
-        MASTER=bool(master_params),
+        S_DTYPE=mt.TL_DTYPE[state_dtype], MASTER=mt.master_kind(params, master_params),
     )  # fmt: skip
 
 
@@ -56,16 +55,17 @@ def _lion_kernel(
     beta1: tl.float64,  # 1 - beta1 is the lerp weight of the update direction c
     beta2: tl.float64,  # 1 - beta2 is the lerp weight of the momentum
     weight_decay: tl.float64,
-    P_DTYPE: tl.constexpr,  # storage dtype of params (and of exp_avg unless MASTER)
+    P_DTYPE: tl.constexpr,  # storage dtype of params
     G_DTYPE: tl.constexpr,  # storage dtype of grads: P_DTYPE, or fp32 for bf16/fp16 params
-    MASTER: tl.constexpr,  # fp32 master and exp_avg; param written as the rounded master
+    S_DTYPE: tl.constexpr,  # storage dtype of the moments: fp32, bf16 or P_DTYPE
+    MASTER: tl.constexpr,  # 0: none; 1: fp32 master; 2: int16 remainder (NOTE [master remainder])
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned (NOTE [triton multi-tensor])
 ):
     if tl.load(skip_ptr) == 0.0:
         row, start, n, weights = mt.update_prologue(
             chunks_ptr, rows_ptr, P_DTYPE, G_DTYPE, MASTER, ALIGNED
         )
-        m_ptr = mt.array_ptr(row, EXP_AVG, tl.float32 if MASTER else P_DTYPE, ALIGNED)
+        m_ptr = mt.array_ptr(row, EXP_AVG, S_DTYPE, ALIGNED)
         coeffs = _lion_coeffs(
             em.learning_rate(lr, lr_ptr), em.f64(beta1), em.f64(beta2), em.f64(weight_decay)
         )
@@ -90,7 +90,7 @@ def _lion_block(args, offs, mask):
     (p_ptr, g_ptr, w_ptr), m_ptr, coeffs, transform, MASTER = args
     lr, one_minus_beta1, one_minus_beta2, decay = coeffs
     g = em.transform_grad(em.load(g_ptr, offs, mask), transform)
-    w = em.load(w_ptr, offs, mask)
+    w = em.load_weight(p_ptr, w_ptr, offs, mask, MASTER)
     m = em.load(m_ptr, offs, mask)
     c = em.lerp(m, g, one_minus_beta1)
     # sign(0) = 0, and a NaN stays NaN (as in update_math.h) so a non-finite

@@ -93,6 +93,12 @@ GRAD = tl.constexpr(1)
 MASTER_PARAM = tl.constexpr(2)  # the param's own address again without master weights
 FIRST_STATE = tl.constexpr(3)
 
+# The MASTER constexpr of the update kernels: where the weight lives
+# (update_math.h's Master).
+NO_MASTER = tl.constexpr(0)
+FP32_MASTER = tl.constexpr(1)
+REMAINDER = tl.constexpr(2)  # bf16 param + int16 remainder (NOTE [master remainder])
+
 _ALIGN_BYTES = 16
 _CACHE_SIZE = 64
 
@@ -142,12 +148,13 @@ def update_prologue(
 ):
     """What every update program does first: ``(row, start, n, (p_ptr, g_ptr, w_ptr))``,
     its chunk (``locate_chunk``) and its tensor's param, grad and weight pointers.
-    The weight the update runs on is the fp32 master with master weights, else
-    the param itself."""
+    ``w_ptr`` is the fp32 master (MASTER == FP32_MASTER), the int16 remainder
+    (MASTER == REMAINDER, NOTE [master remainder]) or the param itself."""
     row, start, n = locate_chunk(chunks_ptr, rows_ptr)
     p_ptr = array_ptr(row, PARAM, P_DTYPE, ALIGNED)
     g_ptr = array_ptr(row, GRAD, G_DTYPE, ALIGNED)
-    w_ptr = array_ptr(row, MASTER_PARAM, tl.float32, ALIGNED) if MASTER else p_ptr
+    W_DTYPE: tl.constexpr = tl.int16 if MASTER == REMAINDER else tl.float32
+    w_ptr = array_ptr(row, MASTER_PARAM, W_DTYPE, ALIGNED) if MASTER else p_ptr
     return row, start, n, (p_ptr, g_ptr, w_ptr)
 
 
@@ -315,8 +322,35 @@ def update_table(
     (``(tensors, dtype)`` pairs) from FIRST_STATE on. Without master weights the
     MASTER_PARAM slot repeats the param's address; the kernel never touches it."""
     arrays = [params, grads, master_params or params] + [lst for lst, _ in states]
-    dtypes = [params[0].dtype, grads[0].dtype, torch.float32 if master_params else params[0].dtype]
+    dtypes = [params[0].dtype, grads[0].dtype, (master_params or params)[0].dtype]
     return launch_table(arrays, dtypes + [dtype for _, dtype in states], steps)
+
+
+def master_kind(params: list[Tensor], master_params: list[Tensor]) -> int:
+    """The MASTER constexpr of a call: NO_MASTER, FP32_MASTER or REMAINDER."""
+    if not master_params:
+        return NO_MASTER.value
+    dtype = master_params[0].dtype
+    if dtype == torch.float32 and params[0].dtype != torch.float32:
+        return FP32_MASTER.value
+    if dtype == torch.int16 and params[0].dtype == torch.bfloat16:
+        return REMAINDER.value
+    raise ValueError(
+        f"fastopt triton backend: master_params of {dtype} for {params[0].dtype} params; "
+        "expected float32 masters for bf16/fp16 params or int16 remainders for bf16 params"
+    )
+
+
+def moment_dtype(params: list[Tensor], exp_avgs: list[Tensor]) -> torch.dtype:
+    """The moments' storage of a call (the optimizer's state_dtype): float32, bfloat16 or
+    the params' dtype; every moment list of the call must have it (checked on a miss)."""
+    dtype = exp_avgs[0].dtype
+    if dtype not in (torch.float32, torch.bfloat16, params[0].dtype):
+        raise ValueError(
+            f"fastopt triton backend: moments of {dtype} for {params[0].dtype} params; "
+            "expected float32, bfloat16 or the params' dtype"
+        )
+    return dtype
 
 
 _constants: dict[tuple, Tensor] = {}

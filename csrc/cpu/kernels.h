@@ -131,9 +131,41 @@ FASTOPT_ALWAYS_INLINE fp16 store_f32<fp16>(float x) {
   return fp16{static_cast<uint16_t>(sign | h)};
 }
 
-// Storage of the moments: fp32 under master weights, else the params' type.
-template <typename P, bool MASTER>
-using state_t = std::conditional_t<MASTER, float, P>;
+// ---- the weight an update runs on (Master in update_math.h) ------------------------
+//
+// W: the storage of the master list, float for fp32 masters, the remainder's
+// bits for NOTE [master remainder]; unused (never dereferenced) without one.
+template <Master MASTER>
+using master_t = std::conditional_t<MASTER == Master::kRemainder, uint16_t, float>;
+
+template <Master MASTER, typename P>
+FASTOPT_ALWAYS_INLINE float load_weight(const P* __restrict__ param,
+                                        const master_t<MASTER>* __restrict__ master, int64_t k) {
+  if constexpr (MASTER == Master::kFp32) {
+    return master[k];
+  } else if constexpr (MASTER == Master::kRemainder) {
+    static_assert(std::is_same_v<P, bf16>, "remainders are for bf16 params");
+    return f32_from(join_remainder(param[k].bits, master[k]));
+  } else {
+    return load_f32(param[k]);
+  }
+}
+
+// The updated weight into the param (rounded to nearest even, or with a
+// remainder to nearest with ties away from zero) and the master, if any.
+template <Master MASTER, typename P>
+FASTOPT_ALWAYS_INLINE void store_weight(P* __restrict__ param,
+                                        master_t<MASTER>* __restrict__ master, int64_t k,
+                                        float w) {
+  if constexpr (MASTER == Master::kRemainder) {
+    const uint32_t u = f32_bits(w);
+    param[k] = P{split_param(u)};
+    master[k] = split_remainder(u);
+  } else {
+    if constexpr (MASTER == Master::kFp32) master[k] = w;
+    param[k] = store_f32<P>(w);
+  }
+}
 
 // ---- params structs (filled by the op entries) ----------------------------------
 //
@@ -147,7 +179,7 @@ struct AdamWTensor {
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;
-  float* master_param;
+  void* master_param;  // fp32 masters, int16 remainders or null
   AdamWCoeffs coeffs;
 };
 
@@ -161,7 +193,7 @@ struct LionTensor {
   void* param;
   const void* grad;
   void* exp_avg;
-  float* master_param;
+  void* master_param;  // fp32 masters, int16 remainders or null
 };
 
 struct LionParams {
@@ -177,7 +209,7 @@ struct AdEMAMixTensor {
   void* exp_avg;
   void* exp_avg_slow;
   void* exp_avg_sq;
-  float* master_param;
+  void* master_param;  // fp32 masters, int16 remainders or null
   AdEMAMixCoeffs coeffs;
 };
 
@@ -201,13 +233,13 @@ struct SumsqParams {
 // ---- update kernels ----------------------------------------------------------------
 //
 // Each runs chunks [chunk_begin, chunk_end) of one call. P: params' storage,
-// G: grads' storage (P, or float for bf16/fp16 params), MASTER: fp32 master
-// weights (then the moments are fp32 too).
+// G: grads' storage (P, or float for bf16/fp16 params), S: the moments'
+// storage (float, bf16 or P: the optimizer's state_dtype), MASTER: where the
+// weight lives.
 
-template <typename P, typename G, bool MASTER, bool AMSGRAD>
+template <typename P, typename G, typename S, Master MASTER, bool AMSGRAD>
 FASTOPT_CPU_CLONES void adamw_kernel(const AdamWParams& a, int64_t chunk_begin,
                                      int64_t chunk_end) {
-  using S = state_t<P, MASTER>;
   const GradTransform x = a.transform;
   const int64_t last = a.chunks.first_segment[chunk_end];
   for (int64_t s = a.chunks.first_segment[chunk_begin]; s < last; ++s) {
@@ -218,17 +250,16 @@ FASTOPT_CPU_CLONES void adamw_kernel(const AdamWParams& a, int64_t chunk_begin,
     S* __restrict__ exp_avg = static_cast<S*>(t.exp_avg);
     S* __restrict__ exp_avg_sq = static_cast<S*>(t.exp_avg_sq);
     S* __restrict__ max_exp_avg_sq = static_cast<S*>(t.max_exp_avg_sq);
-    float* __restrict__ master = t.master_param;
+    master_t<MASTER>* __restrict__ master = static_cast<master_t<MASTER>*>(t.master_param);
     const AdamWCoeffs c = t.coeffs;
     FASTOPT_SIMD_LOOP
     for (int64_t k = seg.begin; k < seg.end; ++k) {
-      float p = MASTER ? master[k] : load_f32(param[k]);
+      float p = load_weight<MASTER>(param, master, k);
       float m = load_f32(exp_avg[k]);
       float v = load_f32(exp_avg_sq[k]);
       float vmax = AMSGRAD ? load_f32(max_exp_avg_sq[k]) : 0.0f;
       adamw_element<AMSGRAD>(p, transform_grad(load_f32(grad[k]), x), m, v, vmax, c);
-      if (MASTER) master[k] = p;
-      param[k] = store_f32<P>(p);
+      store_weight<MASTER>(param, master, k, p);
       exp_avg[k] = store_f32<S>(m);
       exp_avg_sq[k] = store_f32<S>(v);
       if (AMSGRAD) max_exp_avg_sq[k] = store_f32<S>(vmax);
@@ -236,9 +267,8 @@ FASTOPT_CPU_CLONES void adamw_kernel(const AdamWParams& a, int64_t chunk_begin,
   }
 }
 
-template <typename P, typename G, bool MASTER>
+template <typename P, typename G, typename S, Master MASTER>
 FASTOPT_CPU_CLONES void lion_kernel(const LionParams& a, int64_t chunk_begin, int64_t chunk_end) {
-  using S = state_t<P, MASTER>;
   const GradTransform x = a.transform;
   const LionCoeffs c = a.coeffs;
   const int64_t last = a.chunks.first_segment[chunk_end];
@@ -248,23 +278,21 @@ FASTOPT_CPU_CLONES void lion_kernel(const LionParams& a, int64_t chunk_begin, in
     P* __restrict__ param = static_cast<P*>(t.param);
     const G* __restrict__ grad = static_cast<const G*>(t.grad);
     S* __restrict__ exp_avg = static_cast<S*>(t.exp_avg);
-    float* __restrict__ master = t.master_param;
+    master_t<MASTER>* __restrict__ master = static_cast<master_t<MASTER>*>(t.master_param);
     FASTOPT_SIMD_LOOP
     for (int64_t k = seg.begin; k < seg.end; ++k) {
-      float p = MASTER ? master[k] : load_f32(param[k]);
+      float p = load_weight<MASTER>(param, master, k);
       float m = load_f32(exp_avg[k]);
       lion_element(p, transform_grad(load_f32(grad[k]), x), m, c);
-      if (MASTER) master[k] = p;
-      param[k] = store_f32<P>(p);
+      store_weight<MASTER>(param, master, k, p);
       exp_avg[k] = store_f32<S>(m);
     }
   }
 }
 
-template <typename P, typename G, bool MASTER>
+template <typename P, typename G, typename S, Master MASTER>
 FASTOPT_CPU_CLONES void ademamix_kernel(const AdEMAMixParams& a, int64_t chunk_begin,
                                         int64_t chunk_end) {
-  using S = state_t<P, MASTER>;
   const GradTransform x = a.transform;
   const int64_t last = a.chunks.first_segment[chunk_end];
   for (int64_t s = a.chunks.first_segment[chunk_begin]; s < last; ++s) {
@@ -275,17 +303,16 @@ FASTOPT_CPU_CLONES void ademamix_kernel(const AdEMAMixParams& a, int64_t chunk_b
     S* __restrict__ exp_avg = static_cast<S*>(t.exp_avg);
     S* __restrict__ exp_avg_slow = static_cast<S*>(t.exp_avg_slow);
     S* __restrict__ exp_avg_sq = static_cast<S*>(t.exp_avg_sq);
-    float* __restrict__ master = t.master_param;
+    master_t<MASTER>* __restrict__ master = static_cast<master_t<MASTER>*>(t.master_param);
     const AdEMAMixCoeffs c = t.coeffs;
     FASTOPT_SIMD_LOOP
     for (int64_t k = seg.begin; k < seg.end; ++k) {
-      float p = MASTER ? master[k] : load_f32(param[k]);
+      float p = load_weight<MASTER>(param, master, k);
       float m1 = load_f32(exp_avg[k]);
       float m2 = load_f32(exp_avg_slow[k]);
       float v = load_f32(exp_avg_sq[k]);
       ademamix_element(p, transform_grad(load_f32(grad[k]), x), m1, m2, v, c);
-      if (MASTER) master[k] = p;
-      param[k] = store_f32<P>(p);
+      store_weight<MASTER>(param, master, k, p);
       exp_avg[k] = store_f32<S>(m1);
       exp_avg_slow[k] = store_f32<S>(m2);
       exp_avg_sq[k] = store_f32<S>(v);

@@ -79,28 +79,46 @@ std::vector<int64_t> numels_of(TensorList tensors) {
 #pragma message("fastopt: compiled without -fopenmp; the CPU kernels will run on one thread")
 #endif
 
-// The instantiation pick.template operator()<P, G, MASTER>() returns, for the
-// storage types of l (kernels.h's float / bf16 / fp16).
+// The instantiation pick.template operator()<P, G, S, MASTER>() returns, for
+// the storage types of l (kernels.h's float / bf16 / fp16) and its master
+// kind. Only the combinations check_update_lists allows are instantiated:
+// masters for 16-bit params, remainders for bf16 params, moments in float32,
+// bf16 or the params' type.
+template <typename P, typename G, typename S, typename Pick>
+auto pick_master(const UpdateLists& l, Pick& pick) {
+  if constexpr (std::is_same_v<P, bf16>) {
+    if (l.master == Master::kRemainder) {
+      return pick.template operator()<P, G, S, Master::kRemainder>();
+    }
+  }
+  if constexpr (!std::is_same_v<P, float>) {
+    if (l.master == Master::kFp32) return pick.template operator()<P, G, S, Master::kFp32>();
+  }
+  return pick.template operator()<P, G, S, Master::kNone>();
+}
+
+template <typename P, typename G, typename Pick>
+auto pick_state(const UpdateLists& l, Pick& pick) {
+  switch (l.state) {
+    case at::kFloat:
+      return pick_master<P, G, float>(l, pick);
+    case at::kBFloat16:
+      return pick_master<P, G, bf16>(l, pick);
+    default:  // the params' type
+      return pick_master<P, G, P>(l, pick);
+  }
+}
+
 template <typename Pick>
 auto pick_kernel(const UpdateLists& l, Pick&& pick) {
   const bool fp32_grad = l.grad == at::kFloat;
   switch (l.param) {
     case at::kBFloat16:
-      if (fp32_grad) {
-        return l.master ? pick.template operator()<bf16, float, true>()
-                        : pick.template operator()<bf16, float, false>();
-      }
-      return l.master ? pick.template operator()<bf16, bf16, true>()
-                      : pick.template operator()<bf16, bf16, false>();
+      return fp32_grad ? pick_state<bf16, float>(l, pick) : pick_state<bf16, bf16>(l, pick);
     case at::kHalf:
-      if (fp32_grad) {
-        return l.master ? pick.template operator()<fp16, float, true>()
-                        : pick.template operator()<fp16, float, false>();
-      }
-      return l.master ? pick.template operator()<fp16, fp16, true>()
-                      : pick.template operator()<fp16, fp16, false>();
+      return fp32_grad ? pick_state<fp16, float>(l, pick) : pick_state<fp16, fp16>(l, pick);
     default:  // float32 (check_update_lists allows nothing else)
-      return pick.template operator()<float, float, false>();
+      return pick_state<float, float>(l, pick);
   }
 }
 
@@ -120,7 +138,7 @@ void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                const std::optional<Tensor>& skip) {
   constexpr const char* op = "fastopt::adamw_";
   if (params.empty()) return;
-  const UpdateLists l = check_update_lists(op, at::kCPU, params, grads, master_params);
+  const UpdateLists l = check_update_lists(op, at::kCPU, params, grads, master_params, exp_avgs);
   check_list(op, "exp_avgs", exp_avgs, l.state, params);
   check_list(op, "exp_avg_sqs", exp_avg_sqs, l.state, params);
   if (amsgrad) {
@@ -149,13 +167,13 @@ void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                   exp_avgs[i].data_ptr(),
                   exp_avg_sqs[i].data_ptr(),
                   amsgrad ? max_exp_avg_sqs[i].data_ptr() : nullptr,
-                  data_or_null<float>(master_params, i),
+                  data_or_null<void>(master_params, i),
                   coeffs};
   }
   const ChunkPlan plan(numels_of(params));
   const AdamWParams p{tensors.data(), plan.view(), s.transform};
-  const auto kernel = pick_kernel(l, [&]<typename P, typename G, bool MASTER>() {
-    return amsgrad ? &adamw_kernel<P, G, MASTER, true> : &adamw_kernel<P, G, MASTER, false>;
+  const auto kernel = pick_kernel(l, [&]<typename P, typename G, typename S, Master MASTER>() {
+    return amsgrad ? &adamw_kernel<P, G, S, MASTER, true> : &adamw_kernel<P, G, S, MASTER, false>;
   });
   at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t begin, int64_t end) {
     kernel(p, begin, end);  // NOTE [one parallel region]
@@ -169,7 +187,7 @@ void lion_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
               const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip) {
   constexpr const char* op = "fastopt::lion_";
   if (params.empty()) return;
-  const UpdateLists l = check_update_lists(op, at::kCPU, params, grads, master_params);
+  const UpdateLists l = check_update_lists(op, at::kCPU, params, grads, master_params, exp_avgs);
   check_list(op, "exp_avgs", exp_avgs, l.state, params);
   const UpdateScalars s = read_update_scalars(op, lr, lr_tensor, maximize, grad_mul,
                                               max_grad_value, clip_coef, skip);
@@ -178,13 +196,15 @@ void lion_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
   std::vector<LionTensor> tensors(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     tensors[i] = {params[i].data_ptr(), grads[i].const_data_ptr(), exp_avgs[i].data_ptr(),
-                  data_or_null<float>(master_params, i)};
+                  data_or_null<void>(master_params, i)};
   }
   const ChunkPlan plan(numels_of(params));
   const LionParams p{tensors.data(), plan.view(), s.transform,
                      lion_coeffs(s.lr, beta1, beta2, weight_decay)};
   const auto kernel = pick_kernel(
-      l, [&]<typename P, typename G, bool MASTER>() { return &lion_kernel<P, G, MASTER>; });
+      l, [&]<typename P, typename G, typename S, Master MASTER>() {
+        return &lion_kernel<P, G, S, MASTER>;
+      });
   at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t begin, int64_t end) {
     kernel(p, begin, end);  // NOTE [one parallel region]
   });
@@ -200,7 +220,7 @@ void ademamix_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                   const std::optional<Tensor>& skip) {
   constexpr const char* op = "fastopt::ademamix_";
   if (params.empty()) return;
-  const UpdateLists l = check_update_lists(op, at::kCPU, params, grads, master_params);
+  const UpdateLists l = check_update_lists(op, at::kCPU, params, grads, master_params, exp_avgs);
   check_list(op, "exp_avgs", exp_avgs, l.state, params);
   check_list(op, "exp_avgs_slow", exp_avgs_slow, l.state, params);
   check_list(op, "exp_avg_sqs", exp_avg_sqs, l.state, params);
@@ -222,13 +242,15 @@ void ademamix_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
     }
     tensors[i] = {params[i].data_ptr(),       grads[i].const_data_ptr(),
                   exp_avgs[i].data_ptr(),     exp_avgs_slow[i].data_ptr(),
-                  exp_avg_sqs[i].data_ptr(),  data_or_null<float>(master_params, i),
+                  exp_avg_sqs[i].data_ptr(),  data_or_null<void>(master_params, i),
                   coeffs};
   }
   const ChunkPlan plan(numels_of(params));
   const AdEMAMixParams p{tensors.data(), plan.view(), s.transform};
   const auto kernel = pick_kernel(
-      l, [&]<typename P, typename G, bool MASTER>() { return &ademamix_kernel<P, G, MASTER>; });
+      l, [&]<typename P, typename G, typename S, Master MASTER>() {
+        return &ademamix_kernel<P, G, S, MASTER>;
+      });
   at::parallel_for(0, plan.num_chunks(), 1, [&](int64_t begin, int64_t end) {
     kernel(p, begin, end);  // NOTE [one parallel region]
   });

@@ -8,22 +8,21 @@ namespace cuda {
 namespace {
 
 // List order in the table: p, g, m, v, [vmax], [master], step.
-template <bool MASTER, bool AMSGRAD>
+template <Master MASTER, bool AMSGRAD>
 struct AdamWLayout {
   static constexpr int kVmax = 4;
   static constexpr int kMaster = 4 + AMSGRAD;
-  static constexpr int kStep = 4 + AMSGRAD + MASTER;
+  static constexpr int kStep = 4 + AMSGRAD + kHasMaster<MASTER>;
   static constexpr int kDepth = kStep + 1;
 };
 
-// P: params' storage; G: grads' (P, or float); MASTER: fp32 master weights
-// and fp32 moments, else moments in P.
-template <typename P, typename G, bool MASTER, bool AMSGRAD>
+// P: params' storage; G: grads' (P, or float); S: the moments' (float, bf16
+// or P); MASTER: where the weight lives (update.cuh's load_weight_n).
+template <typename P, typename G, typename S, Master MASTER, bool AMSGRAD>
 __global__ void __launch_bounds__(kBlockThreads)
     adamw_kernel(const __grid_constant__ TensorTable<AdamWLayout<MASTER, AMSGRAD>::kDepth> table,
                  const __grid_constant__ AdamWParams params) {
   using L = AdamWLayout<MASTER, AMSGRAD>;
-  using S = state_t<P, MASTER>;
   const auto b = begin_update<L::kStep>(table, params, [&](double lr, double step) {
     return adamw_coeffs(lr, params.beta1, params.beta2, params.eps, params.weight_decay, step);
   });
@@ -33,15 +32,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   S* m = chunk_ptr<S>(table, 2, b.chunk);
   S* v = chunk_ptr<S>(table, 3, b.chunk);
   S* vmax = AMSGRAD ? chunk_ptr<S>(table, L::kVmax, b.chunk) : nullptr;
-  float* master = MASTER ? chunk_ptr<float>(table, L::kMaster, b.chunk) : nullptr;
+  using W = master_t<MASTER>;
+  W* master = kHasMaster<MASTER> ? chunk_ptr<W>(table, L::kMaster, b.chunk) : nullptr;
 
   auto body = [&]<int N, bool VECTOR>(int off) {
     float w[N], gr[N], mo[N], ve[N], vm[N];
-    if constexpr (MASTER) {
-      load_n<N, VECTOR>(master + off, w);
-    } else {
-      load_n<N, VECTOR>(p + off, w);
-    }
+    load_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
     load_n<N, VECTOR>(g + off, gr);
     load_n<N, VECTOR>(m + off, mo);
     load_n<N, VECTOR>(v + off, ve);
@@ -51,21 +47,21 @@ __global__ void __launch_bounds__(kBlockThreads)
       adamw_element<AMSGRAD>(w[j], transform_grad(gr[j], b.transform), mo[j], ve[j], vm[j],
                              b.coeffs);
     }
-    store_n<N, VECTOR>(p + off, w);
-    if constexpr (MASTER) store_n<N, VECTOR>(master + off, w);
+    store_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
     store_n<N, VECTOR>(m + off, mo);
     store_n<N, VECTOR>(v + off, ve);
     if constexpr (AMSGRAD) store_n<N, VECTOR>(vmax + off, vm);
   };
-  for_each_in_chunk<kVecElems<P>>(b.chunk.len, all_aligned16(p, g, m, v, vmax, master), body);
+  for_each_in_chunk<kVecElems<P, S>>(b.chunk.len, all_aligned16(p, g, m, v, vmax, master), body);
 }
 
 }  // namespace
 
 cudaError_t launch_adamw(const RawLists& lists, const AdamWParams& params, cudaStream_t stream) {
-  return dispatch_update(params, [&]<typename P, typename G, bool MASTER>() {
-    return params.amsgrad ? launch_update(&adamw_kernel<P, G, MASTER, true>, lists, params, stream)
-                          : launch_update(&adamw_kernel<P, G, MASTER, false>, lists, params, stream);
+  return dispatch_update(params, [&]<typename P, typename G, typename S, Master MASTER>() {
+    return params.amsgrad
+               ? launch_update(&adamw_kernel<P, G, S, MASTER, true>, lists, params, stream)
+               : launch_update(&adamw_kernel<P, G, S, MASTER, false>, lists, params, stream);
   });
 }
 

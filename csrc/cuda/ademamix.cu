@@ -8,19 +8,18 @@ namespace cuda {
 namespace {
 
 // List order in the table: p, g, m1, m2, v, [master], step.
-template <bool MASTER>
+template <Master MASTER>
 struct AdEMAMixLayout {
   static constexpr int kMaster = 5;
-  static constexpr int kStep = 5 + MASTER;
+  static constexpr int kStep = 5 + kHasMaster<MASTER>;
   static constexpr int kDepth = kStep + 1;
 };
 
-template <typename P, typename G, bool MASTER>
+template <typename P, typename G, typename S, Master MASTER>
 __global__ void __launch_bounds__(kBlockThreads)
     ademamix_kernel(const __grid_constant__ TensorTable<AdEMAMixLayout<MASTER>::kDepth> table,
                     const __grid_constant__ AdEMAMixParams params) {
   using L = AdEMAMixLayout<MASTER>;
-  using S = state_t<P, MASTER>;
   const auto b = begin_update<L::kStep>(table, params, [&](double lr, double step) {
     return ademamix_coeffs(lr, params.beta1, params.beta2, params.beta3, params.alpha,
                            params.t_alpha, params.t_beta3, params.eps, params.weight_decay, step);
@@ -31,15 +30,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   S* m1 = chunk_ptr<S>(table, 2, b.chunk);
   S* m2 = chunk_ptr<S>(table, 3, b.chunk);
   S* v = chunk_ptr<S>(table, 4, b.chunk);
-  float* master = MASTER ? chunk_ptr<float>(table, L::kMaster, b.chunk) : nullptr;
+  using W = master_t<MASTER>;
+  W* master = kHasMaster<MASTER> ? chunk_ptr<W>(table, L::kMaster, b.chunk) : nullptr;
 
   auto body = [&]<int N, bool VECTOR>(int off) {
     float w[N], gr[N], fast[N], slow[N], ve[N];
-    if constexpr (MASTER) {
-      load_n<N, VECTOR>(master + off, w);
-    } else {
-      load_n<N, VECTOR>(p + off, w);
-    }
+    load_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
     load_n<N, VECTOR>(g + off, gr);
     load_n<N, VECTOR>(m1 + off, fast);
     load_n<N, VECTOR>(m2 + off, slow);
@@ -49,21 +45,20 @@ __global__ void __launch_bounds__(kBlockThreads)
       ademamix_element(w[j], transform_grad(gr[j], b.transform), fast[j], slow[j], ve[j],
                        b.coeffs);
     }
-    store_n<N, VECTOR>(p + off, w);
-    if constexpr (MASTER) store_n<N, VECTOR>(master + off, w);
+    store_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
     store_n<N, VECTOR>(m1 + off, fast);
     store_n<N, VECTOR>(m2 + off, slow);
     store_n<N, VECTOR>(v + off, ve);
   };
-  for_each_in_chunk<kVecElems<P>>(b.chunk.len, all_aligned16(p, g, m1, m2, v, master), body);
+  for_each_in_chunk<kVecElems<P, S>>(b.chunk.len, all_aligned16(p, g, m1, m2, v, master), body);
 }
 
 }  // namespace
 
 cudaError_t launch_ademamix(const RawLists& lists, const AdEMAMixParams& params,
                             cudaStream_t stream) {
-  return dispatch_update(params, [&]<typename P, typename G, bool MASTER>() {
-    return launch_update(&ademamix_kernel<P, G, MASTER>, lists, params, stream);
+  return dispatch_update(params, [&]<typename P, typename G, typename S, Master MASTER>() {
+    return launch_update(&ademamix_kernel<P, G, S, MASTER>, lists, params, stream);
   });
 }
 

@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "fastopt/update_math.h"
+
 namespace fastopt {
 namespace cuda {
 
@@ -32,7 +34,8 @@ struct RawLists {
 struct UpdateParams {
   Storage param;           // params (float, bf16 or fp16)
   Storage grad;            // grads: param, or kFloat for bf16/fp16 params
-  bool master;             // fp32 master weights (then the moments are fp32 too)
+  Storage state;           // the moments: kFloat, kBFloat16 or param (state_dtype)
+  Master master;           // where the weight lives (NOTE [master remainder])
   double lr;               // used when lr_ptr is null
   const float* lr_ptr;     // the lr tensor, or null
   const float* grad_mul;   // null: 1

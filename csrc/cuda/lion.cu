@@ -8,17 +8,16 @@ namespace cuda {
 namespace {
 
 // List order in the table: p, g, m, [master].
-template <bool MASTER>
+template <Master MASTER>
 struct LionLayout {
   static constexpr int kMaster = 3;
-  static constexpr int kDepth = 3 + MASTER;
+  static constexpr int kDepth = 3 + kHasMaster<MASTER>;
 };
 
-template <typename P, typename G, bool MASTER>
+template <typename P, typename G, typename S, Master MASTER>
 __global__ void __launch_bounds__(kBlockThreads)
     lion_kernel(const __grid_constant__ TensorTable<LionLayout<MASTER>::kDepth> table,
                 const __grid_constant__ LionParams params) {
-  using S = state_t<P, MASTER>;
   const auto b = begin_update<-1>(table, params, [&](double lr, double) {
     return lion_coeffs(lr, params.beta1, params.beta2, params.weight_decay);
   });
@@ -26,31 +25,28 @@ __global__ void __launch_bounds__(kBlockThreads)
   P* p = chunk_ptr<P>(table, 0, b.chunk);
   const G* g = chunk_ptr<const G>(table, 1, b.chunk);
   S* m = chunk_ptr<S>(table, 2, b.chunk);
-  float* master = MASTER ? chunk_ptr<float>(table, LionLayout<MASTER>::kMaster, b.chunk) : nullptr;
+  using W = master_t<MASTER>;
+  W* master =
+      kHasMaster<MASTER> ? chunk_ptr<W>(table, LionLayout<MASTER>::kMaster, b.chunk) : nullptr;
 
   auto body = [&]<int N, bool VECTOR>(int off) {
     float w[N], gr[N], mo[N];
-    if constexpr (MASTER) {
-      load_n<N, VECTOR>(master + off, w);
-    } else {
-      load_n<N, VECTOR>(p + off, w);
-    }
+    load_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
     load_n<N, VECTOR>(g + off, gr);
     load_n<N, VECTOR>(m + off, mo);
 #pragma unroll
     for (int j = 0; j < N; ++j) lion_element(w[j], transform_grad(gr[j], b.transform), mo[j], b.coeffs);
-    store_n<N, VECTOR>(p + off, w);
-    if constexpr (MASTER) store_n<N, VECTOR>(master + off, w);
+    store_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
     store_n<N, VECTOR>(m + off, mo);
   };
-  for_each_in_chunk<kVecElems<P>>(b.chunk.len, all_aligned16(p, g, m, master), body);
+  for_each_in_chunk<kVecElems<P, S>>(b.chunk.len, all_aligned16(p, g, m, master), body);
 }
 
 }  // namespace
 
 cudaError_t launch_lion(const RawLists& lists, const LionParams& params, cudaStream_t stream) {
-  return dispatch_update(params, [&]<typename P, typename G, bool MASTER>() {
-    return launch_update(&lion_kernel<P, G, MASTER>, lists, params, stream);
+  return dispatch_update(params, [&]<typename P, typename G, typename S, Master MASTER>() {
+    return launch_update(&lion_kernel<P, G, S, MASTER>, lists, params, stream);
   });
 }
 

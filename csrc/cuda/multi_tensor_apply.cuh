@@ -216,8 +216,8 @@ __device__ __forceinline__ void load_n(const T* __restrict__ p, A (&out)[N]) {
   }
 }
 
-template <int N, bool VECTOR, typename T>
-__device__ __forceinline__ void store_n(T* __restrict__ p, const float (&in)[N]) {
+template <int N, bool VECTOR, typename T, typename A>
+__device__ __forceinline__ void store_n(T* __restrict__ p, const A (&in)[N]) {
   if constexpr (VECTOR) {
     static_assert((N * sizeof(T)) % 16 == 0, "vector path moves whole 16-byte words");
     constexpr int kPerWord = 16 / sizeof(T);

@@ -51,6 +51,7 @@ void fill_update_params(const char* op, const UpdateLists& l, TensorList params,
   const at::Device device = params[0].device();
   p.param = storage_of(l.param);
   p.grad = storage_of(l.grad);
+  p.state = storage_of(l.state);
   p.master = l.master;
   p.lr = lr;
   p.lr_ptr = scalar_ptr(op, "lr_tensor", lr_tensor, device);
@@ -87,7 +88,7 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
                 const std::optional<Tensor>& skip) {
   constexpr const char* op = "fastopt::adamw_";
   if (params.empty()) return;
-  const UpdateLists l = check_update_lists(op, at::kCUDA, params, grads, master_params);
+  const UpdateLists l = check_update_lists(op, at::kCUDA, params, grads, master_params, exp_avgs);
   check_list(op, "exp_avgs", exp_avgs, l.state, params);
   check_list(op, "exp_avg_sqs", exp_avg_sqs, l.state, params);
   if (amsgrad) {
@@ -118,7 +119,7 @@ void lion_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
                const std::optional<Tensor>& clip_coef, const std::optional<Tensor>& skip) {
   constexpr const char* op = "fastopt::lion_";
   if (params.empty()) return;
-  const UpdateLists l = check_update_lists(op, at::kCUDA, params, grads, master_params);
+  const UpdateLists l = check_update_lists(op, at::kCUDA, params, grads, master_params, exp_avgs);
   check_list(op, "exp_avgs", exp_avgs, l.state, params);
 
   LionParams p;
@@ -142,7 +143,7 @@ void ademamix_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
                    const std::optional<Tensor>& skip) {
   constexpr const char* op = "fastopt::ademamix_";
   if (params.empty()) return;
-  const UpdateLists l = check_update_lists(op, at::kCUDA, params, grads, master_params);
+  const UpdateLists l = check_update_lists(op, at::kCUDA, params, grads, master_params, exp_avgs);
   check_list(op, "exp_avgs", exp_avgs, l.state, params);
   check_list(op, "exp_avgs_slow", exp_avgs_slow, l.state, params);
   check_list(op, "exp_avg_sqs", exp_avg_sqs, l.state, params);

@@ -18,42 +18,66 @@
 namespace fastopt {
 namespace cuda {
 
-// Storage of the moments: fp32 under master weights, else the params' type.
-template <typename P, bool MASTER>
-using state_t = std::conditional_t<MASTER, float, P>;
+// NOTE [128-bit access]: the narrowest list (the params P, or the moments S
+// when they are narrower: fp32 params with bf16 moments) fills one 16-byte
+// word per thread and iteration.
+template <typename P, typename S>
+constexpr int kVecElems = 16 / static_cast<int>(sizeof(P) < sizeof(S) ? sizeof(P) : sizeof(S));
 
-// NOTE [128-bit access]: the narrowest list (the params, P) fills one
-// 16-byte word per thread and iteration.
-template <typename P>
-constexpr int kVecElems = 16 / static_cast<int>(sizeof(P));
+// Whether a master list is in the table (its slot shifts the later lists).
+template <Master MASTER>
+constexpr int kHasMaster = MASTER == Master::kNone ? 0 : 1;
 
 // ---- host: from a call's storage types to launches --------------------------
 
-template <typename P, typename F>
-cudaError_t dispatch_grad_master(const UpdateParams& p, F& f) {
-  if constexpr (std::is_same_v<P, float>) {
-    return f.template operator()<float, float, false>();  // the op entry allows nothing else
-  } else {
-    if (p.grad == Storage::kFloat) {
-      return p.master ? f.template operator()<P, float, true>()
-                      : f.template operator()<P, float, false>();
-    }
-    return p.master ? f.template operator()<P, P, true>() : f.template operator()<P, P, false>();
+// f.template operator()<P, G, S, MASTER>() for the call's master kind; only
+// the combinations the op checks allow are instantiated (masters for 16-bit
+// params, remainders for bf16 params).
+template <typename P, typename G, typename S, typename F>
+cudaError_t dispatch_master(const UpdateParams& p, F& f) {
+  if constexpr (std::is_same_v<P, c10::BFloat16>) {
+    if (p.master == Master::kRemainder) return f.template operator()<P, G, S, Master::kRemainder>();
+  }
+  if constexpr (!std::is_same_v<P, float>) {
+    if (p.master == Master::kFp32) return f.template operator()<P, G, S, Master::kFp32>();
+  }
+  return f.template operator()<P, G, S, Master::kNone>();
+}
+
+// The moments' storage: float32, bf16 or the params' type.
+template <typename P, typename G, typename F>
+cudaError_t dispatch_state(const UpdateParams& p, F& f) {
+  switch (p.state) {
+    case Storage::kFloat:
+      return dispatch_master<P, G, float>(p, f);
+    case Storage::kBFloat16:
+      return dispatch_master<P, G, c10::BFloat16>(p, f);
+    default:
+      return dispatch_master<P, G, P>(p, f);
   }
 }
 
-// Returns f.template operator()<P, G, MASTER>() for the params' and grads'
-// storage types and master weights: the one place an update call's Storage
-// values become C++ types.
+template <typename P, typename F>
+cudaError_t dispatch_grad(const UpdateParams& p, F& f) {
+  if constexpr (std::is_same_v<P, float>) {
+    return dispatch_state<float, float>(p, f);  // the op entry allows nothing else
+  } else {
+    return p.grad == Storage::kFloat ? dispatch_state<P, float>(p, f) : dispatch_state<P, P>(p, f);
+  }
+}
+
+// Returns f.template operator()<P, G, S, MASTER>() for the params', grads' and
+// moments' storage types and the master kind: the one place an update call's
+// Storage values become C++ types.
 template <typename F>
 cudaError_t dispatch_update(const UpdateParams& p, F&& f) {
   switch (p.param) {
     case Storage::kFloat:
-      return dispatch_grad_master<float>(p, f);
+      return dispatch_grad<float>(p, f);
     case Storage::kBFloat16:
-      return dispatch_grad_master<c10::BFloat16>(p, f);
+      return dispatch_grad<c10::BFloat16>(p, f);
     case Storage::kHalf:
-      return dispatch_grad_master<c10::Half>(p, f);
+      return dispatch_grad<c10::Half>(p, f);
     default:
       return cudaErrorInvalidValue;
   }
@@ -133,6 +157,51 @@ __device__ __forceinline__ auto begin_update(const TensorTable<DEPTH>& table,
   return b;
 }
 
+// ---- device: the weight an update runs on ------------------------------------
+
+// The master list's storage: fp32 masters, or the remainder's bits (NOTE
+// [master remainder]); float (never dereferenced) without one.
+template <Master MASTER>
+using master_t = std::conditional_t<MASTER == Master::kRemainder, uint16_t, float>;
+
+template <Master MASTER, int N, bool VECTOR, typename P>
+__device__ __forceinline__ void load_weight_n(const P* __restrict__ p,
+                                              const master_t<MASTER>* __restrict__ master,
+                                              float (&w)[N]) {
+  if constexpr (MASTER == Master::kFp32) {
+    load_n<N, VECTOR>(master, w);
+  } else if constexpr (MASTER == Master::kRemainder) {
+    uint16_t hi[N], lo[N];
+    load_n<N, VECTOR>(reinterpret_cast<const uint16_t*>(p), hi);
+    load_n<N, VECTOR>(master, lo);
+#pragma unroll
+    for (int j = 0; j < N; ++j) w[j] = __uint_as_float(join_remainder(hi[j], lo[j]));
+  } else {
+    load_n<N, VECTOR>(p, w);
+  }
+}
+
+// The updated weight into the param (rounded to nearest even, or with a
+// remainder to nearest with ties away from zero) and the master, if any.
+template <Master MASTER, int N, bool VECTOR, typename P>
+__device__ __forceinline__ void store_weight_n(P* __restrict__ p,
+                                               master_t<MASTER>* __restrict__ master,
+                                               const float (&w)[N]) {
+  if constexpr (MASTER == Master::kRemainder) {
+    uint16_t hi[N], lo[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const uint32_t u = __float_as_uint(w[j]);
+      hi[j] = split_param(u);
+      lo[j] = split_remainder(u);
+    }
+    store_n<N, VECTOR>(reinterpret_cast<uint16_t*>(p), hi);
+    store_n<N, VECTOR>(master, lo);
+  } else {
+    store_n<N, VECTOR>(p, w);
+    if constexpr (MASTER == Master::kFp32) store_n<N, VECTOR>(master, w);
+  }
+}
 
 }  // namespace cuda
 }  // namespace fastopt

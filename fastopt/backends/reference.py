@@ -23,6 +23,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from fastopt import _compressed
+
 
 def _value(x: Tensor | None, default: float) -> float:
     return default if x is None else float(x.item())
@@ -82,8 +84,21 @@ def _check(op: str, params: list[Tensor], **lists: list[Tensor]) -> None:
 
 
 def _weight(master_params: list[Tensor], i: int, p: Tensor, dtype: torch.dtype) -> Tensor:
-    """The value the update runs on: the fp32 master if there is one, else an fp32 copy of p."""
-    return master_params[i] if master_params else p.detach().to(dtype)
+    """The value the update runs on: the fp32 master (stored, or joined from p and its
+    remainder: NOTE [master remainder]), else an fp32 copy of p."""
+    if not master_params:
+        return p.detach().to(dtype)
+    master = master_params[i]
+    return _compressed.join(p, master) if master.dtype == torch.int16 else master
+
+
+def _store_weight(master_params: list[Tensor], i: int, p: Tensor, w: Tensor) -> None:
+    """Write the updated weight: into p (rounded to nearest even) after the fp32 master
+    was updated in place, or split into p and its remainder."""
+    if master_params and master_params[i].dtype == torch.int16:
+        _compressed.store(p, master_params[i], w)
+    else:
+        p.detach().copy_(w)
 
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, *,
@@ -125,7 +140,7 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
 
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
-        p.detach().copy_(w)
+        _store_weight(master_params, i, p, w)
 
 
 def lion_(params, grads, exp_avgs, master_params, *,
@@ -153,7 +168,7 @@ def lion_(params, grads, exp_avgs, master_params, *,
         m.lerp_(g, 1 - beta2)
 
         exp_avgs[i].copy_(m)
-        p.detach().copy_(w)
+        _store_weight(master_params, i, p, w)
 
 
 def ademamix_schedules(
@@ -204,7 +219,7 @@ def ademamix_(params, grads, exp_avgs, exp_avgs_slow, exp_avg_sqs, master_params
         exp_avgs[i].copy_(m1)
         exp_avgs_slow[i].copy_(m2)
         exp_avg_sqs[i].copy_(v)
-        p.detach().copy_(w)
+        _store_weight(master_params, i, p, w)
 
 
 def unavailable(device_type: str | None) -> str | None:

@@ -38,9 +38,40 @@
 // passes clip_coef = 1, so the common case is one multiply. maximize is always
 // a sign folded into grad_mul: clamp is odd and -1 is exact, so the result is
 // the same bits as negating g afterwards.
+//
+// NOTE [master remainder]
+// master_weights="remainder" stores a bf16 parameter p and an int16 remainder
+// r instead of an fp32 master w: 4 bytes per element, like the master alone,
+// and w is rebuilt exactly from (p, r) in registers. On the bits of w (u, 32
+// bits, wrapping arithmetic):
+//   split:  p = (u + 0x8000) >> 16          r = u & 0xFFFF
+//   join:   u = (p << 16) + sign_extend(r)
+// Adding 0x8000 to the magnitude bits before truncating rounds the magnitude
+// half up, so p is w rounded to nearest with ties AWAY from zero (a carry into
+// the exponent is the correct next binade; the largest finite values round to
+// inf, as round-to-nearest does). When p was rounded up, r's top bit is set
+// (the dropped half was >= 0x8000) and its sign extension subtracts exactly the
+// 0x10000 the carry added, so join(split(u)) == u for every finite or infinite
+// u: +-0, subnormals, ties and +-inf round trip bit for bit. Half-even ties
+// cannot be encoded: which of the two neighbours p is must follow from r's top
+// bit alone.
+// NaN gets its own rule, because rounding up a NaN can carry it into an
+// infinity (0x7F80_xxxx with a low half < 0x8000 truncates to inf) or wrap it
+// to a zero (0x7FFF_8000 + 0x8000): a NaN master must stay a NaN parameter.
+// For a NaN w, p = (u >> 16) | 0x0040 (the quiet bit, so p is a NaN) and
+// join, seeing a NaN p, concatenates without the sign extension:
+// u = (p << 16) | r. Finite and infinite masters never give a NaN p, so the
+// two rules cannot be confused. A quiet NaN (every NaN arithmetic produces)
+// round trips bit for bit; a signalling NaN comes back quieted, same sign and
+// payload otherwise.
+// tests/test_compressed.py checks every bf16 pattern against ties, zeros,
+// subnormals, infinities and NaNs; the Triton kernels
+// (triton_kernels/elementwise.py) and the reference backend
+// (fastopt/_compressed.py) write the same two functions.
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FASTOPT_HD __host__ __device__ __forceinline__
@@ -51,6 +82,30 @@
 namespace fastopt {
 
 // ---- shared pieces ---------------------------------------------------------
+
+// Where the weight an update runs on lives: in the param itself, in an fp32
+// master (master_weights=True) or in the bf16 param plus an int16 remainder
+// (NOTE [master remainder]).
+enum class Master : int { kNone = 0, kFp32 = 1, kRemainder = 2 };
+
+// NOTE [master remainder]: the fp32 bits of the master from the bf16 param's
+// bits and the remainder's bits.
+FASTOPT_HD uint32_t join_remainder(uint16_t param_bits, uint16_t remainder) {
+  const uint32_t hi = static_cast<uint32_t>(param_bits) << 16;
+  const bool nan = (param_bits & 0x7FFFu) > 0x7F80u;
+  const uint32_t low = static_cast<uint32_t>(static_cast<int32_t>(static_cast<int16_t>(remainder)));
+  return nan ? (hi | remainder) : hi + low;
+}
+
+// NOTE [master remainder]: the bf16 param's bits (the master rounded to
+// nearest, ties away from zero) and the remainder's bits.
+FASTOPT_HD uint16_t split_param(uint32_t master_bits) {
+  const bool nan = (master_bits & 0x7FFFFFFFu) > 0x7F800000u;
+  return static_cast<uint16_t>(nan ? ((master_bits >> 16) | 0x0040u) : (master_bits + 0x8000u) >> 16);
+}
+FASTOPT_HD uint16_t split_remainder(uint32_t master_bits) {
+  return static_cast<uint16_t>(master_bits & 0xFFFFu);
+}
 
 // torch.lerp(a, b, w) (NOTE [one formula per quantity]).
 FASTOPT_HD float lerp(float a, float b, float w) {
