@@ -903,14 +903,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress to stderr, table to stdout
 
-    def save(partial: dict) -> None:
-        # rewritten after every workload, so an interrupted run keeps what it measured
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(render_markdown(partial))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(partial, f, indent=1)
+    save = harness.result_writer(args.markdown, args.json, render_markdown)
 
     result = run(
         on_update=save,

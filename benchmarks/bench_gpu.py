@@ -36,7 +36,6 @@ import argparse
 import collections
 import dataclasses
 import gc
-import json
 import os
 import subprocess
 import sys
@@ -741,14 +740,7 @@ def main(argv: list[str] | None = None) -> int:
         print("skipped: no CUDA device (use --device cpu to exercise the code path)")
         return 0
 
-    def save(partial: dict) -> None:
-        # rewritten after every workload, so a run cut short keeps what it measured
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(render_markdown(partial))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(partial, f, indent=1)
+    save = harness.result_writer(args.markdown, args.json, render_markdown)
 
     result = run(
         device=args.device,

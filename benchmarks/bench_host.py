@@ -33,7 +33,6 @@ per-round means; "spread" is the interquartile range over the median.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -397,14 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress to stderr
 
-    def save(partial: dict) -> None:
-        # rewritten after every measurement, so an interrupted run keeps what it measured
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(render_markdown(partial))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(partial, f, indent=1)
+    save = harness.result_writer(args.markdown, args.json, render_markdown)
 
     result = run(
         quick=args.quick,

@@ -25,6 +25,7 @@ import datetime as _dt
 import gc
 import importlib
 import importlib.metadata
+import json
 import os
 import platform
 import statistics
@@ -490,3 +491,21 @@ def stamp_lines(stamp: dict) -> list[str]:
         + (f", {pkgs}" if pkgs else ""),
         f"- commit {commit}, date {stamp['date_utc']}",
     ]
+
+
+def result_writer(
+    markdown: str | None, json_path: str | None, render: Callable[[dict], str]
+) -> Callable[[dict], None]:
+    """The ``on_update`` callback of a benchmark's ``run``: rewrites the markdown
+    (``render``) and JSON outputs after every measurement, so a run cut short
+    keeps what it measured."""
+
+    def save(partial: dict) -> None:
+        if markdown:
+            with open(markdown, "w") as f:
+                f.write(render(partial))
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(partial, f, indent=1)
+
+    return save
