@@ -10,7 +10,6 @@ pieces live in multi_tensor.py (table walk, chunk loop) and elementwise.py
 
 from __future__ import annotations
 
-import torch
 import triton.language as tl
 
 from fastopt.triton_kernels import elementwise as em

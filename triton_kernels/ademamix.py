@@ -10,7 +10,6 @@ six arrays per row, p, g, master, m1, m2, v.
 
 from __future__ import annotations
 
-import torch
 import triton.language as tl
 
 from fastopt.triton_kernels import elementwise as em

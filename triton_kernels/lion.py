@@ -6,7 +6,6 @@ Same layout as adamw.py: launcher ``lion_``, kernel ``_lion_kernel``, block
 
 from __future__ import annotations
 
-import torch
 import triton.language as tl
 
 from fastopt.triton_kernels import elementwise as em
