@@ -348,6 +348,22 @@ def test_fp32_params_with_bf16_moments_load_torch_checkpoints():
                                opt.state[p][key].view(torch.int16))  # fmt: skip
 
 
+def test_a_compressed_optimizer_writes_a_torch_adamw_state_dict():
+    """torch_state_dict(): what torch.optim.AdamW loads and steps on, with the moments'
+    values (bf16 moments widened exactly) and no fastopt-only keys."""
+    ps, opt = _trained("remainder", BF16)
+    sd = _through_bytes(opt.torch_state_dict())
+    assert all(set(st) == {"step", "exp_avg", "exp_avg_sq"} for st in sd["state"].values())
+    ref = torch.optim.AdamW(ps, lr=1e-3)
+    ref.load_state_dict(sd)
+    for p in ps:
+        assert torch.equal(ref.state[p]["exp_avg"].float(), opt.state[p]["exp_avg"].float())
+    for p, g in zip(ps, _grads(9)):
+        p.grad = g
+    ref.step()
+    assert all(float(ref.state[p]["step"]) == 6.0 for p in ps)
+
+
 # ---- NOTE [stale remainder] ----------------------------------------------------------
 
 
