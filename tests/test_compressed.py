@@ -411,6 +411,32 @@ def test_a_loaded_remainder_is_trusted():
         assert np.array_equal(bits32(_master(opt2, p)), bits32(m))
 
 
+def test_lawa_averages_the_rebuilt_master_and_keeps_it():
+    """LAWA under remainders averages the exact masters and splits the mean back into
+    parameter and remainder; the next step starts from that mean, not a reset."""
+    from fastopt.averaging import LAWA
+
+    model = torch.nn.Linear(32, 32, bias=False).to(BF16)
+    opt = fastopt.AdamW(model.parameters(), lr=1e-2, master_weights="remainder", backend="cpu")
+    lawa = LAWA(window=3)
+    w = model.weight
+    snaps = []
+    for step in range(3):
+        w.grad = torch.randn_like(w)
+        opt.step()
+        snaps.append(_master(opt, w).clone())
+        if step < 2:
+            lawa.snapshot(model, opt)
+    lawa.update(model, opt)
+    mean = (snaps[0] + snaps[1] + snaps[2]) / 3  # LAWA's order: oldest first, in fp32
+    assert np.array_equal(bits32(_master(opt, w)), bits32(mean))
+    for g in opt.param_groups:
+        g["lr"], g["weight_decay"] = 0.0, 0.0
+    w.grad = torch.randn_like(w)
+    opt.step()
+    assert np.array_equal(bits32(_master(opt, w)), bits32(mean))
+
+
 # ---- arguments -----------------------------------------------------------------------
 
 
