@@ -9,12 +9,13 @@
 // * lists are parallel and hold contiguous tensors of one device; params
 //   share one dtype (float32, bfloat16 or float16; float64 runs on the
 //   reference backend) and grads share one dtype, the params' or float32 for
-//   bfloat16/float16 params (torch's Tensor.grad_dtype); moments are fp32 when
-//   master_params is non-empty, otherwise the params' dtype. The op entries'
-//   checks (csrc/op_checks.h) come before any write: a call that fails writes
-//   nothing.
-// * master_params empty -> no master weights; max_exp_avg_sqs empty -> no
-//   amsgrad state.
+//   bfloat16/float16 params (torch's Tensor.grad_dtype); the moment lists share
+//   one dtype, read from exp_avgs: float32, bfloat16 or the params' dtype (the
+//   optimizers' state_dtype). The op entries' checks (csrc/op_checks.h) come
+//   before any write: a call that fails writes nothing.
+// * master_params empty -> no master weights; float32 -> fp32 masters; int16
+//   (bfloat16 params only) -> remainders (NOTE [master remainder] in
+//   fastopt/update_math.h). max_exp_avg_sqs empty -> no amsgrad state.
 // * state_steps: float32 0-dim tensors, already incremented for this step.
 // * lr_tensor, when given, is a float32 0-dim tensor on the params' device and
 //   replaces the float lr (a GPU step keeps lr device-side).

@@ -374,6 +374,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         return _state.save(self, super().state_dict())
 
+    def torch_state_dict(self) -> dict[str, Any]:
+        """A plain torch.optim state dict (no masters or remainders, fp32 moments, no
+        counters) that ``torch.optim.AdamW.load_state_dict`` takes (fastopt/_state.py)."""
+        return _state.to_torch(self.state_dict())
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a fastopt or torch.optim state dict (see fastopt/_state.py)."""
         _state.load(self, state_dict, super().load_state_dict)

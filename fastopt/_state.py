@@ -40,6 +40,22 @@ def save(optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     return state_dict
 
 
+def to_torch(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` as torch.optim's optimizers write it: masters and remainders
+    dropped (torch keeps none), moments widened to fp32 (torch's loader then casts
+    them to each parameter's dtype), the counters left out of the groups."""
+    state = {}
+    for pid, st in state_dict["state"].items():
+        state[pid] = {
+            k: (v.float() if isinstance(v, Tensor) and k != "step" and v.is_floating_point()
+                else v)
+            for k, v in st.items()
+            if k not in (_compressed.MASTER_KEY, _compressed.REMAINDER_KEY)
+        }  # fmt: skip
+    groups = [{k: v for k, v in g.items() if k not in COUNTERS} for g in state_dict["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
 def initial_master(p: Tensor, key: str) -> Tensor:
     """A new master of ``p``: an fp32 copy, or a zero remainder (the master is p exactly)."""
     if key == _compressed.REMAINDER_KEY:

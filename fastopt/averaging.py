@@ -14,6 +14,8 @@ from collections import deque
 import torch
 from torch import nn
 
+from fastopt import _compressed
+
 
 class LAWA:
     r"""Mean of the last ``window`` snapshots of a model's parameters.
@@ -26,6 +28,10 @@ class LAWA:
     optimizer keeps fp32 master weights (``state[p]["master_param"]``), the
     master is what gets snapshotted and overwritten, because the next step
     would otherwise write the stale master back over the averaged parameter.
+    With a master remainder (``state[p]["master_remainder"]``) the master is
+    the one parameter and remainder hold, and the mean is split back into both
+    (NOTE [master remainder]), marked as the optimizer's own write so the next
+    step keeps it (NOTE [stale remainder]).
     """
 
     def __init__(self, window: int) -> None:
@@ -39,7 +45,10 @@ class LAWA:
         out = []
         for p in model.parameters():
             state = optimizer.state.get(p, {}) if optimizer is not None else {}
-            out.append(state.get("master_param", p))
+            if _compressed.REMAINDER_KEY in state:
+                out.append(_compressed.join(p, state[_compressed.REMAINDER_KEY]))
+            else:
+                out.append(state.get("master_param", p))
         return out
 
     def snapshot(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -61,8 +70,13 @@ class LAWA:
         """Snapshot the current weights, then load the window's mean into the model."""
         self.snapshot(model, optimizer)
         for p, mean in zip(model.parameters(), self.average(), strict=True):
-            p.copy_(mean)
             state = optimizer.state.get(p, {}) if optimizer is not None else {}
+            remainder = state.get(_compressed.REMAINDER_KEY)
+            if remainder is not None:
+                _compressed.store(p, remainder, mean)
+                _compressed.mark_written([p], [remainder])
+                continue
+            p.copy_(mean)
             if "master_param" in state:
                 state["master_param"].copy_(mean)
 

@@ -12,8 +12,15 @@ Arguments every function takes:
 * ``params`` and ``grads``: the parameters (updated in place) and their
   gradients (read only).
 * ``master_params``: fp32 masters of bf16/fp16 params (empty list or None: no
-  master weights). With masters the moments are fp32 and the parameter is
-  written as the master rounded to nearest even.
+  master weights); the parameter is written as the master rounded to nearest
+  even. Or int16 remainders of bf16 params (``master_weights="remainder"``):
+  param and remainder hold the fp32 master exactly and the parameter is
+  written as the master rounded to nearest, ties away from zero (NOTE [master
+  remainder] in csrc/include/fastopt/update_math.h); a remainder whose
+  parameter was overwritten since the last call is reset (NOTE [stale
+  remainder] in fastopt/_compressed.py).
+* the moment lists share one dtype: float32, bfloat16 or the params' dtype
+  (the optimizers' ``state_dtype``); every store rounds to nearest even.
 * ``state_steps`` (AdamW, AdEMAMix): float32 0-dim tensors holding each
   tensor's step count ``t``, already incremented for this step.
 * ``lr``: a float or a 0-dim tensor (a tensor lr stays on the device: no sync).

@@ -122,14 +122,16 @@ def test_cuda_backend_reports_build_without_cuda(monkeypatch):
 # ---- (2) compiler resource report and SASS -------------------------------------
 
 # kernel name stem -> instantiations per architecture (dispatch_update in
-# csrc/cuda/update.cuh): (params, grads, master) is fp32/fp32, or bf16|fp16
-# params x (grads of their dtype | fp32 grads) x (master | not): 9 storage
-# variants; AdamW has each with and without amsgrad. The sum of squares has
-# one kernel per grad dtype (fp32, bf16, fp16, fp64) and the final sum.
+# csrc/cuda/update.cuh), over (params, grads, moments, master): fp32 params
+# with fp32 or bf16 moments (2); bf16 params x (bf16 | fp32 grads) x (fp32 |
+# bf16 moments) x (none | fp32 master | remainder) (12); fp16 params x (fp16 |
+# fp32 grads) x (fp32 | bf16 | fp16 moments) x (none | fp32 master) (12): 26
+# storage variants; AdamW has each with and without amsgrad. The sum of
+# squares has one kernel per grad dtype (fp32, bf16, fp16, fp64) and the final sum.
 EXPECTED_KERNELS = {
-    "adamw_kernel": 18,
-    "lion_kernel": 9,
-    "ademamix_kernel": 9,
+    "adamw_kernel": 52,
+    "lion_kernel": 26,
+    "ademamix_kernel": 26,
     "grad_sumsq_kernel": 4,
     "grad_sumsq_finish_kernel": 1,
 }
@@ -267,8 +269,8 @@ def _sass_sections(cubins, stem, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fp32_adamw_sass_uses_128bit_loads(cubins, arch):
     sections = _sass_sections(cubins, "adamw", arch)
-    # adamw_kernel<float, float, MASTER=false, AMSGRAD=false>
-    fp32 = [s for s in sections if re.match(r"\S*12adamw_kernelIffLb0ELb0E", s)]
+    # adamw_kernel<float, float, float, Master::kNone, AMSGRAD=false>
+    fp32 = [s for s in sections if re.match(r"\S*12adamw_kernelIfffLNS_6MasterE0ELb0E", s)]
     assert len(fp32) == 1, [s.split("\n", 1)[0] for s in sections]
     loads = re.findall(r"LDG\.E\S*", fp32[0])
     stores = re.findall(r"STG\.E\S*", fp32[0])
@@ -282,9 +284,11 @@ def test_fp32_adamw_sass_uses_128bit_loads(cubins, arch):
 def test_mixed_grad_kernels_read_fp32_grads_in_16_byte_words(cubins, arch):
     """bf16 params with fp32 grads: 8 elements per thread, so the grads take two
     128-bit loads per iteration next to the bf16 params' one (NOTE [128-bit access])."""
-    for stem, name in (("adamw", "12adamw_kernelIN3c108BFloat16EfLb0ELb0E"),
-                       ("ademamix", "15ademamix_kernelIN3c108BFloat16EfLb0E"),
-                       ("lion", "11lion_kernelIN3c108BFloat16EfLb0E")):  # fmt: skip
+    # <bf16, float, bf16 moments (a substitution, S<n>_), Master::kNone>
+    bf16 = r"IN3c108BFloat16EfS\d*_LNS_6MasterE0E"
+    for stem, name in (("adamw", f"12adamw_kernel{bf16}Lb0E"),
+                       ("ademamix", f"15ademamix_kernel{bf16}"),
+                       ("lion", f"11lion_kernel{bf16}")):  # fmt: skip
         (sec,) = [s for s in _sass_sections(cubins, stem, arch) if re.match(rf"\S*{name}", s)]
         loads = re.findall(r"LDG\.E\S*", sec)
         assert sum(x.startswith("LDG.E.128") for x in loads) >= 3, (stem, sorted(loads))
@@ -361,7 +365,7 @@ def test_built_kernels_fuse_only_the_explicit_fmas():
     for name, sec in entries.items():
         loose = re.findall(r"\b(?:mul|add|sub)\.f(?:32|64)\b", sec)
         assert not loose, (name, loose[:5])
-    (fp32,) = [sec for name, sec in entries.items() if "12adamw_kernelIffLb0ELb0E" in name]
+    (fp32,) = [sec for name, sec in entries.items() if "12adamw_kernelIfffLNS_6MasterE0ELb0E" in name]
     assert len(re.findall(r"\bfma\.rn\.f32\b", fp32)) == 3 * (4 + 1)
 
 

@@ -64,9 +64,9 @@ def compiled(tmp_path_factory):
 
 
 def reads_fp32(label: str) -> bool:
-    # Some array of this specialisation is fp32: the gradient, the param, or the
-    # fp32 master/moments.
-    return "fp32" in label or "master=True" in label
+    # Some array of this specialisation is fp32: the gradient, the param, the
+    # moments (s=fp32) or the fp32 master (master=1).
+    return "fp32" in label or "master=1" in label
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -272,8 +272,13 @@ def test_rejects_tensors_the_kernels_cannot_address():
     with pytest.raises(ValueError, match="step"):
         K.adamw_([p], [torch.randn(4, 6)], [zeros(p)], [zeros(p)], [], [],
                  [torch.tensor(1.0, dtype=torch.float64)], **adamw_kw())  # fmt: skip
-    # Moments must be fp32 with master weights (the kernel reads them as fp32).
+    # Every moment list of a call has the dtype of exp_avgs (the kernel reads them as
+    # one storage type: state_dtype), masters or not.
     pb = p.bfloat16()
     with pytest.raises(ValueError, match="array"):
-        K.adamw_([pb], [pb.clone()], [zeros(pb)], [zeros(pb)], [], [p.clone()],
+        K.adamw_([pb], [pb.clone()], [zeros(pb)], [zeros(p)], [], [p.clone()],
+                 [torch.tensor(1.0)], **adamw_kw())  # fmt: skip
+    # Moments in fp16 for bf16 params are no storage the kernels have.
+    with pytest.raises(ValueError, match="moments"):
+        K.adamw_([pb], [pb.clone()], [zeros(p).half()], [zeros(p).half()], [], [],
                  [torch.tensor(1.0)], **adamw_kw())  # fmt: skip

@@ -124,7 +124,7 @@ def _adamw_block(args, offs, mask):
     (p_ptr, g_ptr, w_ptr), (m_ptr, v_ptr, vmax_ptr), coeffs, transform, AMSGRAD, MASTER = args
     one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bias_corr2_sqrt = coeffs
     g = em.transform_grad(em.load(g_ptr, offs, mask), transform)
-    w = em.load_weight(p_ptr, w_ptr, offs, mask, MASTER) * decay
+    w = em.load_weight(p_ptr, w_ptr, offs, mask) * decay
     m = em.lerp(em.load(m_ptr, offs, mask), g, one_minus_beta1)
     v = em.second_moment(em.load(v_ptr, offs, mask), g, beta2, one_minus_beta2)
     v_used = v

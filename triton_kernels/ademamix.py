@@ -144,7 +144,7 @@ def _ademamix_block(args, offs, mask):
     (one_minus_beta1, one_minus_beta3, beta2, one_minus_beta2, alpha, eps, lr, weight_decay,
      bias_corr1, bias_corr2_sqrt) = coeffs  # fmt: skip
     g = em.transform_grad(em.load(g_ptr, offs, mask), transform)
-    w = em.load_weight(p_ptr, w_ptr, offs, mask, MASTER)
+    w = em.load_weight(p_ptr, w_ptr, offs, mask)
     m1 = em.lerp(em.load(m1_ptr, offs, mask), g, one_minus_beta1)
     m2 = em.lerp(em.load(m2_ptr, offs, mask), g, one_minus_beta3)
     v = em.second_moment(em.load(v_ptr, offs, mask), g, beta2, one_minus_beta2)

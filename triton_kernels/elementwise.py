@@ -158,26 +158,34 @@ def split_remainder(w):
     return p, (u & 0xFFFF).to(tl.uint16).to(tl.int16, bitcast=True)
 
 
+# NOTE [remainder test at compile time]: the block functions receive MASTER through
+# their args tuple, where it is no longer a constexpr, so ``if MASTER == 2`` would
+# compile both branches (and the remainder's 16-bit bitcasts do not type-check for
+# fp32 params). The weight pointer's element type says the same thing statically:
+# int16 exactly for remainders.
+
+
 @device_fn
-def load_weight(p_ptr, w_ptr, offs, mask, MASTER: tl.constexpr):
-    """The fp32 weight the update runs on: the master (fp32, or joined from the param and
-    its remainder when MASTER == 2) or the param itself."""
-    if MASTER == 2:
+def load_weight(p_ptr, w_ptr, offs, mask):
+    """The fp32 weight the update runs on: the fp32 master, the master joined from the
+    param and its int16 remainder, or the param itself (``w_ptr`` is ``p_ptr`` then)."""
+    if w_ptr.dtype.element_ty == tl.int16:
         p = tl.load(p_ptr + offs, mask=mask, other=0.0)
-        return join_remainder(p, tl.load(w_ptr + offs, mask=mask, other=0))
-    return load(w_ptr, offs, mask)
+        w = join_remainder(p, tl.load(w_ptr + offs, mask=mask, other=0))
+    else:
+        w = load(w_ptr, offs, mask)
+    return w
 
 
 @device_fn
 def store_weight(p_ptr, w_ptr, offs, w, mask, MASTER: tl.constexpr):
-    """The updated weight: into the fp32 master and, rounded to nearest even, the
-    param (MASTER == 1); split into the param and its remainder (MASTER == 2); else
-    into the param itself."""
-    if MASTER == 2:
+    """The updated weight: split into the param and its remainder (int16 ``w_ptr``);
+    else into the fp32 master (MASTER) and, rounded to nearest even, the param."""
+    if w_ptr.dtype.element_ty == tl.int16:
         p, r = split_remainder(w)
         tl.store(p_ptr + offs, p, mask=mask)
         tl.store(w_ptr + offs, r, mask=mask)
     else:
-        if MASTER == 1:
+        if MASTER:
             tl.store(w_ptr + offs, w, mask=mask)
         store(p_ptr, offs, w, mask)

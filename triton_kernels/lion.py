@@ -90,7 +90,7 @@ def _lion_block(args, offs, mask):
     (p_ptr, g_ptr, w_ptr), m_ptr, coeffs, transform, MASTER = args
     lr, one_minus_beta1, one_minus_beta2, decay = coeffs
     g = em.transform_grad(em.load(g_ptr, offs, mask), transform)
-    w = em.load_weight(p_ptr, w_ptr, offs, mask, MASTER)
+    w = em.load_weight(p_ptr, w_ptr, offs, mask)
     m = em.load(m_ptr, offs, mask)
     c = em.lerp(m, g, one_minus_beta1)
     # sign(0) = 0, and a NaN stays NaN (as in update_math.h) so a non-finite

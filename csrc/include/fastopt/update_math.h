@@ -54,7 +54,8 @@
 // 0x10000 the carry added, so join(split(u)) == u for every finite or infinite
 // u: +-0, subnormals, ties and +-inf round trip bit for bit. Half-even ties
 // cannot be encoded: which of the two neighbours p is must follow from r's top
-// bit alone.
+// bit alone. So p differs from master_weights=True's RNE parameter exactly on
+// ties (low half 0x8000), and a forward pass reading p sees that difference.
 // NaN gets its own rule, because rounding up a NaN can carry it into an
 // infinity (0x7F80_xxxx with a low half < 0x8000 truncates to inf) or wrap it
 // to a zero (0x7FFF_8000 + 0x8000): a NaN master must stay a NaN parameter.
