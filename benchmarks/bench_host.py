@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python -m benchmarks.bench_host              # full run (~3 min on an idle 2-core box)
     PYTHONPATH=. python -m benchmarks.bench_host --quick      # smoke run for CI: seconds
-    PYTHONPATH=. python -m benchmarks.bench_host --markdown /tmp/bench_host.md --json /tmp/bench_host.json
+    PYTHONPATH=. python -m benchmarks.bench_host --markdown bench_host.md --json bench_host.json
 
 Part 1 (host): N one-element fp32 CPU tensors, every one with a gradient, N in
 100 / 1,000 / 10,000 / 50,000. The arithmetic is N floats, so the step time is
