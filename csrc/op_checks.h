@@ -34,12 +34,32 @@ inline void check_list(const char* op, const char* name, at::TensorList list,
   }
 }
 
+// A moment list: check_list, except that 8-bit moments (uint8, NOTE [int8
+// moments]) hold q8_bytes(numel) bytes each, one dimension.
+inline void check_moments(const char* op, const char* name, at::TensorList list,
+                          at::ScalarType dtype, at::TensorList params) {
+  if (dtype != at::kByte) return check_list(op, name, list, dtype, params);
+  TORCH_CHECK(list.size() == params.size(), op, ": ", name, " has ", list.size(),
+              " tensors but params has ", params.size());
+  const at::Device device = params[0].device();
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& t = list[i];
+    TORCH_CHECK(t.defined() && t.device() == device && t.scalar_type() == at::kByte, op, ": ",
+                name, "[", i, "] must be a uint8 tensor (8-bit moments) on ", device);
+    const int64_t want = q8_bytes(params[i].numel());
+    TORCH_CHECK(t.dim() == 1 && t.numel() == want && t.is_contiguous(), op, ": ", name, "[", i,
+                "] holds ", t.numel(), " bytes; an 8-bit moment of ", params[i].numel(),
+                " elements is a contiguous 1-D uint8 tensor of ", want,
+                " bytes (NOTE [int8 moments])");
+  }
+}
+
 // What the checks of the lists every update op takes establish (NOTE [what
 // the fast backends take] in fastopt/backends/__init__.py).
 struct UpdateLists {
   at::ScalarType param;  // params
   at::ScalarType grad;   // grads: the params' dtype, or float32 for bf16/fp16 params
-  at::ScalarType state;  // moments: float32, bfloat16 or the params' dtype (state_dtype)
+  at::ScalarType state;  // moments: float32, bfloat16, the params' dtype or uint8 (8-bit)
   Master master;         // master_params: absent, fp32 masters or int16 remainders
 };
 
@@ -84,10 +104,11 @@ inline UpdateLists check_update_lists(const char* op, c10::DeviceType device_typ
   TORCH_CHECK(exp_avgs.size() == params.size(), op, ": exp_avgs has ", exp_avgs.size(),
               " tensors but params has ", params.size());
   l.state = exp_avgs[0].defined() ? exp_avgs[0].scalar_type() : at::kFloat;
-  TORCH_CHECK(l.state == at::kFloat || l.state == at::kBFloat16 || l.state == l.param, op,
-              ": exp_avgs[0] has dtype ", c10::toString(l.state),
-              "; the moments are float32, bfloat16 or the params' dtype (",
-              c10::toString(l.param), ")");
+  TORCH_CHECK(l.state == at::kFloat || l.state == at::kBFloat16 || l.state == l.param ||
+                  l.state == at::kByte,
+              op, ": exp_avgs[0] has dtype ", c10::toString(l.state),
+              "; the moments are float32, bfloat16, the params' dtype (",
+              c10::toString(l.param), ") or uint8 (8-bit, NOTE [int8 moments])");
   return l;
 }
 

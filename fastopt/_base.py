@@ -257,8 +257,15 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def state_dtype(self, p: Tensor) -> torch.dtype:
         """The moments' storage: ``state_dtype=`` when given (real params), else fp32
-        under master weights and the param's dtype otherwise."""
+        under master weights and the param's dtype otherwise. ``"int8"`` is
+        ``torch.uint8`` (codes and block scales, NOTE [int8 moments]) for a tensor of
+        at least ``Q8_MIN_NUMEL`` elements (whole-tensor count, the same on every
+        rank of a sharded run) and fp32 below."""
         if self.moment_dtype is not None and not torch.is_complex(p):
+            if self.moment_dtype == "int8":
+                if p.numel() >= _compressed.Q8_MIN_NUMEL and p.dtype != torch.float64:
+                    return _compressed.Q8
+                return torch.float32
             return self.moment_dtype
         return torch.float32 if self.uses_master(p) else p.dtype
 
@@ -281,9 +288,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["step"] = self.step_tensor(p)
         for key in self.state_keys(group):
             if key not in state:
-                state[key] = torch.zeros_like(
-                    p, dtype=self.state_dtype(p), memory_format=torch.preserve_format
-                )
+                dtype = self.state_dtype(p)
+                if dtype == _compressed.Q8:
+                    if key == "max_exp_avg_sq":
+                        raise ValueError(
+                            "amsgrad is not supported with state_dtype='int8': the running "
+                            "maximum would be re-rounded every step; use bf16 or fp32 moments"
+                        )
+                    # a DTensor's shard keeps a plain local state (fastopt/_state.py
+                    # turns it into a DTensor of fp32 values in state_dict())
+                    local = _distributed.local(p)
+                    state[key] = _compressed.q8_zeros(local.numel(), local.device)
+                else:
+                    state[key] = torch.zeros_like(
+                        p, dtype=dtype, memory_format=torch.preserve_format
+                    )
         key = self.master_key(p)
         if key is not None and key not in state:
             state[key] = _state.initial_master(p, key)
@@ -377,7 +396,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def torch_state_dict(self) -> dict[str, Any]:
         """A plain torch.optim state dict (no masters or remainders, fp32 moments, no
         counters) that ``torch.optim.AdamW.load_state_dict`` takes (fastopt/_state.py)."""
-        return _state.to_torch(self.state_dict())
+        return _state.to_torch(self.state_dict(), _state._params(self))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a fastopt or torch.optim state dict (see fastopt/_state.py)."""

@@ -58,7 +58,16 @@ from torch import Tensor
 REMAINDER_KEY = "master_remainder"
 MASTER_KEY = "master_param"
 MASTER_MODES = (False, True, "remainder")
-STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+STATE_DTYPES = (None, torch.float32, torch.bfloat16, "int8")
+# NOTE [int8 moments]: the storage dtype of 8-bit moments (codes and scales in
+# one byte tensor), the block, and the size below which a tensor keeps fp32
+# moments (bitsandbytes' threshold: a small tensor saves little and its block
+# scales cost the most).
+Q8 = torch.uint8
+Q8_BLOCK = 256
+Q8_MIN_NUMEL = 4096
+# The moments coded as unsigned (v >= 0); every other moment is signed.
+UNSIGNED_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
 
 
 def parse_master_weights(value) -> bool | str:
@@ -75,16 +84,14 @@ def parse_master_weights(value) -> bool | str:
 
 def parse_state_dtype(value):
     """The moments' storage: None (fp32 with masters and for fp32 params, else the
-    param dtype), ``torch.float32`` or ``torch.bfloat16``."""
-    if value == "int8":
-        raise NotImplementedError(
-            "state_dtype='int8' (8-bit blockwise moments) is not implemented yet; "
-            "use None, torch.float32 or torch.bfloat16"
-        )
+    param dtype), ``torch.float32``, ``torch.bfloat16`` or ``"int8"`` (NOTE [int8
+    moments]: tensors of at least Q8_MIN_NUMEL elements)."""
+    if isinstance(value, str) and value == "int8":
+        return value
     if value in STATE_DTYPES and (value is None or isinstance(value, torch.dtype)):
         return value
     raise ValueError(
-        f"unknown state_dtype {value!r}; choose None, torch.float32 or torch.bfloat16"
+        f"unknown state_dtype {value!r}; choose None, torch.float32, torch.bfloat16 or 'int8'"
     )
 
 
@@ -129,6 +136,108 @@ def store(param: Tensor, remainder: Tensor, master: Tensor) -> None:
     hi, lo = split(master)
     param.detach().view(torch.int16).copy_(hi.view(torch.int16))
     remainder.copy_(lo)
+
+
+# ---- NOTE [int8 moments], in torch ops (the reference backend) ----------------------
+# The same arithmetic as update_math.h's q8_* functions, on whole tensors.
+
+
+def q8_bytes(n: int) -> int:
+    """Bytes of the uint8 state of an n-element moment: the codes, then fp32 scales."""
+    return -(-n // Q8_BLOCK) * (Q8_BLOCK + 4)
+
+
+def q8_zeros(n: int, device) -> Tensor:
+    """An all-zero 8-bit moment of n elements (zero codes and scales decode to 0)."""
+    return torch.zeros(q8_bytes(n), dtype=Q8, device=device)
+
+
+def _q8_views(buf: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    blocks = -(-n // Q8_BLOCK)
+    if buf.dtype != Q8 or buf.dim() != 1 or buf.numel() != blocks * (Q8_BLOCK + 4):
+        raise ValueError(
+            f"an int8 moment of {n} elements is a 1-D uint8 tensor of {q8_bytes(n)} bytes, "
+            f"got {buf.dtype} of shape {tuple(buf.shape)}"
+        )
+    codes = buf[: blocks * Q8_BLOCK].view(blocks, Q8_BLOCK)
+    return codes, buf[blocks * Q8_BLOCK :].view(torch.float32).view(blocks, 1)
+
+
+def q8_decode(buf: Tensor, n: int, signed: bool) -> Tensor:
+    """The n fp32 values an 8-bit moment holds (flat)."""
+    codes, scales = _q8_views(buf, n)
+    if signed:
+        t = codes.view(torch.int8).float() / 127.0
+        out = (t * t.abs()) * scales
+    else:
+        t = codes.float() / 255.0
+        t2 = t * t
+        out = (t2 * t2) * scales
+    return out.reshape(-1)[:n]
+
+
+def q8_encode_into(buf: Tensor, x: Tensor, signed: bool) -> None:
+    """Code the fp32 values ``x`` into the 8-bit moment ``buf`` in place."""
+    n = x.numel()
+    codes, scales = _q8_views(buf, n)
+    flat = x.detach().reshape(-1).float()
+    a = torch.nn.functional.pad(flat, (0, codes.numel() - n)).view_as(codes).abs()
+    s = a.amax(dim=1, keepdim=True)  # NaN-propagating
+    usable = (s > 0) & (s <= torch.finfo(torch.float32).max)
+    r = torch.where(usable, a / torch.where(usable, s, 1.0), 0.0)
+    r = torch.where(r < 1.0, r, 1.0)
+    if signed:
+        q = torch.round(r.sqrt() * 127.0).to(torch.int16)
+        neg = torch.nn.functional.pad(flat < 0, (0, codes.numel() - n)).view_as(codes)
+        q = torch.where(neg, -q, q)
+        codes.copy_(q.to(torch.int8).view(Q8))
+    else:
+        q = torch.round(r.sqrt().sqrt() * 255.0).to(torch.int16)
+        q = torch.where((q == 0) & (a > 0), 1, q)
+        codes.copy_(q.to(Q8))
+    scales.copy_(s)
+
+
+def q8_encode(x: Tensor, signed: bool) -> Tensor:
+    """A new 8-bit moment holding ``x`` (coded: NOTE [int8 moments])."""
+    buf = q8_zeros(x.numel(), x.device)
+    q8_encode_into(buf, x, signed)
+    return buf
+
+
+def is_q8(t: Tensor) -> bool:
+    return t.dtype == Q8
+
+
+def is_signed(key: str) -> bool:
+    """Whether moment ``key`` is coded signed (every moment but v, NOTE [int8 moments])."""
+    return key not in UNSIGNED_MOMENTS
+
+
+def moment_values(t: Tensor, p: Tensor, key: str) -> Tensor:
+    """Moment ``key`` of ``p`` as values shaped like ``p``'s local shard: decoded if 8-bit."""
+    local = p._local_tensor if hasattr(p, "_local_tensor") else p
+    if is_q8(t):
+        return q8_decode(t, local.numel(), is_signed(key)).view(local.shape)
+    return t
+
+
+def convert_moment(value: Tensor, p: Tensor, key: str, dtype: torch.dtype) -> Tensor:
+    """A saved moment ``value`` of ``p`` (8-bit, or values of any float dtype, plain or
+    DTensor) in the storage ``dtype`` of this optimizer: copied when it already is,
+    else decoded and/or coded (an 8-bit moment coded from its own decoded values
+    gives back the same bytes: every block's top element decodes to its scale)."""
+    local = p._local_tensor if hasattr(p, "_local_tensor") else p
+    if hasattr(value, "_local_tensor"):
+        value = value._local_tensor
+    value = value.to(device=local.device)
+    if dtype == Q8:
+        if is_q8(value):
+            _q8_views(value, local.numel())  # checks the size
+            return value.clone()
+        return q8_encode(value.float().reshape(-1), is_signed(key))
+    values = moment_values(value, p, key) if is_q8(value) else value
+    return values.to(dtype=dtype, copy=True)
 
 
 # ---- NOTE [stale remainder] ---------------------------------------------------------

@@ -14,7 +14,9 @@ master becomes a remainder (and the bf16 parameter is set to its split, so the
 pair holds that master exactly), a remainder becomes an fp32 master, and a
 checkpoint without either (torch's AdamW) gives a zero remainder or a master
 equal to the parameter. Moments are stored in the optimizer's state_dtype:
-an fp32 checkpoint loads into bf16 moments rounded to nearest even.
+an fp32 checkpoint loads into bf16 moments rounded to nearest even, or into
+8-bit moments coded on load (NOTE [int8 moments]); 8-bit moments load into
+fp32/bf16 ones decoded.
 """
 
 from __future__ import annotations
@@ -26,29 +28,54 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fastopt import _compressed
+from fastopt import _compressed, _distributed
 
 COUNTERS = ("attempted_steps", "skipped_steps")
 
 
+def _params(optimizer) -> list[Tensor]:
+    return list(chain.from_iterable(g["params"] for g in optimizer.param_groups))
+
+
 def save(optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """torch's state dict, counters as ints (NOTE [counters in param groups])."""
+    """torch's state dict, counters as ints (NOTE [counters in param groups]).
+
+    An 8-bit moment of a DTensor parameter is a plain tensor of its local
+    shard's codes and block scales, which DCP could not reshard: it is written
+    as a DTensor of its decoded fp32 values with the parameter's mesh and
+    placements instead (4 bytes per element in the checkpoint), and coded
+    again on load, to the same bytes (``_compressed.convert_moment``)."""
     skipped = optimizer.skipped_steps
     for group in state_dict["param_groups"]:
         group["attempted_steps"] = optimizer._attempted_steps
         group["skipped_steps"] = skipped
+    for pid, p in enumerate(_params(optimizer)):
+        st = state_dict["state"].get(pid)
+        if not st or not _distributed.is_dtensor(p):
+            continue
+        if any(isinstance(v, Tensor) and _compressed.is_q8(v) for v in st.values()):
+            st = state_dict["state"][pid] = dict(st)  # torch's dict is the live state
+            for k, v in st.items():
+                if isinstance(v, Tensor) and _compressed.is_q8(v):
+                    values = _compressed.moment_values(v, p, k)
+                    st[k] = _distributed.DTensor.from_local(
+                        values, p.device_mesh, p.placements, run_check=False,
+                        shape=p.shape, stride=p.stride(),
+                    )  # fmt: skip
     return state_dict
 
 
-def to_torch(state_dict: dict[str, Any]) -> dict[str, Any]:
+def to_torch(state_dict: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
     """``state_dict`` as torch.optim's optimizers write it: masters and remainders
-    dropped (torch keeps none), moments widened to fp32 (torch's loader then casts
-    them to each parameter's dtype), the counters left out of the groups."""
+    dropped (torch keeps none), moments widened to fp32 (8-bit ones decoded to
+    their parameter's shape; torch's loader then casts them to each parameter's
+    dtype), the counters left out of the groups."""
     state = {}
     for pid, st in state_dict["state"].items():
         state[pid] = {
             k: (v.float() if isinstance(v, Tensor) and k != "step" and v.is_floating_point()
-                else v)
+                else _compressed.moment_values(v, params[pid], k).float()
+                if isinstance(v, Tensor) and _compressed.is_q8(v) else v)
             for k, v in st.items()
             if k not in (_compressed.MASTER_KEY, _compressed.REMAINDER_KEY)
         }  # fmt: skip
@@ -110,11 +137,15 @@ def load(optimizer, state_dict: dict[str, Any], torch_load: Callable[[dict], Non
             continue
         src = saved_state[saved_id]
         state = optimizer.state[p]
+        moment_keys = ("exp_avg", "exp_avg_sq", "exp_avg_slow", "max_exp_avg_sq")
         for key, value in src.items():
             if key == "step":
                 state["step"] = optimizer.step_tensor(p, float(value))
             elif key in (_compressed.MASTER_KEY, _compressed.REMAINDER_KEY):
                 continue
+            elif key in moment_keys and isinstance(value, Tensor) and not torch.is_complex(p):
+                # fp32/bf16 values or 8-bit codes, in this optimizer's storage
+                state[key] = _compressed.convert_moment(value, p, key, optimizer.state_dtype(p))
             elif isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()):
                 state[key] = value.to(device=p.device, dtype=optimizer.state_dtype(p), copy=True)
         _load_master(optimizer, p, state, src)

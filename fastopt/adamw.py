@@ -50,8 +50,12 @@ class AdamW(FusedOptimizer):
             master). A parameter overwritten from outside resets its remainder
             (NOTE [stale remainder] in fastopt/_compressed.py).
         state_dtype: storage of the moments: None (fp32 with master weights or
-            fp32 params, else the param dtype), ``torch.float32`` or
-            ``torch.bfloat16`` (rounded to nearest even on every store).
+            fp32 params, else the param dtype), ``torch.float32``,
+            ``torch.bfloat16`` (rounded to nearest even on every store) or
+            ``"int8"``: 8-bit companded codes in blocks of 256 with an fp32 scale
+            per block, about 1.016 bytes per element, for tensors of 4096
+            elements or more (smaller ones keep fp32; NOTE [int8 moments]). Not
+            with ``amsgrad``.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     ``foreach`` and ``fused`` are accepted for compatibility; the kernel is
@@ -91,6 +95,11 @@ class AdamW(FusedOptimizer):
         validate_common(lr, weight_decay, betas, max_grad_norm, max_grad_value)
         if not 0.0 <= eps:
             raise ValueError(f"Invalid epsilon value: {eps}")
+        if amsgrad and isinstance(state_dtype, str) and state_dtype == "int8":
+            raise ValueError(
+                "amsgrad is not supported with state_dtype='int8': the running maximum "
+                "would be re-rounded every step; use bf16 or fp32 moments"
+            )
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             maximize=maximize, foreach=foreach, capturable=capturable,

@@ -131,6 +131,51 @@ FASTOPT_ALWAYS_INLINE fp16 store_f32<fp16>(float x) {
   return fp16{static_cast<uint16_t>(sign | h)};
 }
 
+// ---- 8-bit moments (NOTE [int8 moments] in update_math.h) ---------------------------
+//
+// The marker type S of a call whose moments are 8-bit. Such a kernel walks
+// each segment a block of 256 elements at a time: one loop decodes the
+// block's moments, updates every element in fp32 and keeps the new moments
+// in a stack buffer; then each moment's new block scale is taken and its codes
+// stored (q8_store). Segments start on block boundaries (kAlignElems), and only
+// a tensor's last block is short.
+struct q8 {
+  uint8_t bits;
+};
+
+// One tensor's 8-bit moment: its codes, and its scales after them.
+struct Q8View {
+  uint8_t* __restrict__ codes;
+  float* __restrict__ scales;
+};
+
+FASTOPT_ALWAYS_INLINE Q8View q8_view(void* base, int64_t numel) {
+  auto* bytes = static_cast<uint8_t*>(base);
+  return {bytes, reinterpret_cast<float*>(bytes + q8_blocks(numel) * kQ8Block)};
+}
+
+// The block's scale (its largest magnitude, NaN if any element is NaN) and its
+// codes: x[0, len) are the new values of elements [k0, k0 + len).
+template <bool SIGNED>
+FASTOPT_ALWAYS_INLINE void q8_store(const Q8View& q, int64_t k0, const float* __restrict__ x,
+                                    int64_t len) {
+  float amax = 0.0f;
+  bool nan = false;
+#pragma omp simd reduction(max : amax) reduction(| : nan)
+  for (int64_t j = 0; j < len; ++j) {
+    const float a = __builtin_fabsf(x[j]);
+    amax = a > amax ? a : amax;
+    nan |= a != a;
+  }
+  const float s = nan ? __builtin_nanf("") : amax;
+  uint8_t* __restrict__ codes = q.codes + k0;
+  FASTOPT_SIMD_LOOP
+  for (int64_t j = 0; j < len; ++j) {
+    codes[j] = SIGNED ? q8_encode_signed(x[j], s) : q8_encode_unsigned(x[j], s);
+  }
+  q.scales[k0 / kQ8Block] = s;
+}
+
 // ---- the weight an update runs on (Master in update_math.h) ------------------------
 //
 // W: the storage of the master list, float for fp32 masters, the remainder's
@@ -174,6 +219,7 @@ FASTOPT_ALWAYS_INLINE void store_weight(P* __restrict__ param,
 // coefficients of its step.
 
 struct AdamWTensor {
+  int64_t numel;  // for the scales of 8-bit moments
   void* param;
   const void* grad;
   void* exp_avg;
@@ -190,6 +236,7 @@ struct AdamWParams {
 };
 
 struct LionTensor {
+  int64_t numel;  // for the scales of 8-bit moments
   void* param;
   const void* grad;
   void* exp_avg;
@@ -204,6 +251,7 @@ struct LionParams {
 };
 
 struct AdEMAMixTensor {
+  int64_t numel;  // for the scales of 8-bit moments
   void* param;
   const void* grad;
   void* exp_avg;
@@ -252,17 +300,41 @@ FASTOPT_CPU_CLONES void adamw_kernel(const AdamWParams& a, int64_t chunk_begin,
     S* __restrict__ max_exp_avg_sq = static_cast<S*>(t.max_exp_avg_sq);
     master_t<MASTER>* __restrict__ master = static_cast<master_t<MASTER>*>(t.master_param);
     const AdamWCoeffs c = t.coeffs;
-    FASTOPT_SIMD_LOOP
-    for (int64_t k = seg.begin; k < seg.end; ++k) {
-      float p = load_weight<MASTER>(param, master, k);
-      float m = load_f32(exp_avg[k]);
-      float v = load_f32(exp_avg_sq[k]);
-      float vmax = AMSGRAD ? load_f32(max_exp_avg_sq[k]) : 0.0f;
-      adamw_element<AMSGRAD>(p, transform_grad(load_f32(grad[k]), x), m, v, vmax, c);
-      store_weight<MASTER>(param, master, k, p);
-      exp_avg[k] = store_f32<S>(m);
-      exp_avg_sq[k] = store_f32<S>(v);
-      if (AMSGRAD) max_exp_avg_sq[k] = store_f32<S>(vmax);
+    if constexpr (std::is_same_v<S, q8>) {
+      // (AMSGRAD is false: the op entries refuse amsgrad with 8-bit moments)
+      const Q8View mq = q8_view(t.exp_avg, t.numel), vq = q8_view(t.exp_avg_sq, t.numel);
+      for (int64_t k0 = seg.begin; k0 < seg.end; k0 += kQ8Block) {
+        const int64_t len = seg.end - k0 < kQ8Block ? seg.end - k0 : kQ8Block;
+        const float sm = mq.scales[k0 / kQ8Block], sv = vq.scales[k0 / kQ8Block];
+        float mb[kQ8Block], vb[kQ8Block];
+        FASTOPT_SIMD_LOOP
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t k = k0 + j;
+          float p = load_weight<MASTER>(param, master, k);
+          float m = q8_decode_signed(mq.codes[k], sm);
+          float v = q8_decode_unsigned(vq.codes[k], sv);
+          float unused = 0.0f;
+          adamw_element<false>(p, transform_grad(load_f32(grad[k]), x), m, v, unused, c);
+          store_weight<MASTER>(param, master, k, p);
+          mb[j] = m;
+          vb[j] = v;
+        }
+        q8_store<true>(mq, k0, mb, len);
+        q8_store<false>(vq, k0, vb, len);
+      }
+    } else {
+      FASTOPT_SIMD_LOOP
+      for (int64_t k = seg.begin; k < seg.end; ++k) {
+        float p = load_weight<MASTER>(param, master, k);
+        float m = load_f32(exp_avg[k]);
+        float v = load_f32(exp_avg_sq[k]);
+        float vmax = AMSGRAD ? load_f32(max_exp_avg_sq[k]) : 0.0f;
+        adamw_element<AMSGRAD>(p, transform_grad(load_f32(grad[k]), x), m, v, vmax, c);
+        store_weight<MASTER>(param, master, k, p);
+        exp_avg[k] = store_f32<S>(m);
+        exp_avg_sq[k] = store_f32<S>(v);
+        if (AMSGRAD) max_exp_avg_sq[k] = store_f32<S>(vmax);
+      }
     }
   }
 }
@@ -279,13 +351,32 @@ FASTOPT_CPU_CLONES void lion_kernel(const LionParams& a, int64_t chunk_begin, in
     const G* __restrict__ grad = static_cast<const G*>(t.grad);
     S* __restrict__ exp_avg = static_cast<S*>(t.exp_avg);
     master_t<MASTER>* __restrict__ master = static_cast<master_t<MASTER>*>(t.master_param);
-    FASTOPT_SIMD_LOOP
-    for (int64_t k = seg.begin; k < seg.end; ++k) {
-      float p = load_weight<MASTER>(param, master, k);
-      float m = load_f32(exp_avg[k]);
-      lion_element(p, transform_grad(load_f32(grad[k]), x), m, c);
-      store_weight<MASTER>(param, master, k, p);
-      exp_avg[k] = store_f32<S>(m);
+    if constexpr (std::is_same_v<S, q8>) {
+      const Q8View mq = q8_view(t.exp_avg, t.numel);
+      for (int64_t k0 = seg.begin; k0 < seg.end; k0 += kQ8Block) {
+        const int64_t len = seg.end - k0 < kQ8Block ? seg.end - k0 : kQ8Block;
+        const float sm = mq.scales[k0 / kQ8Block];
+        float mb[kQ8Block];
+        FASTOPT_SIMD_LOOP
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t k = k0 + j;
+          float p = load_weight<MASTER>(param, master, k);
+          float m = q8_decode_signed(mq.codes[k], sm);
+          lion_element(p, transform_grad(load_f32(grad[k]), x), m, c);
+          store_weight<MASTER>(param, master, k, p);
+          mb[j] = m;
+        }
+        q8_store<true>(mq, k0, mb, len);
+      }
+    } else {
+      FASTOPT_SIMD_LOOP
+      for (int64_t k = seg.begin; k < seg.end; ++k) {
+        float p = load_weight<MASTER>(param, master, k);
+        float m = load_f32(exp_avg[k]);
+        lion_element(p, transform_grad(load_f32(grad[k]), x), m, c);
+        store_weight<MASTER>(param, master, k, p);
+        exp_avg[k] = store_f32<S>(m);
+      }
     }
   }
 }
@@ -305,17 +396,44 @@ FASTOPT_CPU_CLONES void ademamix_kernel(const AdEMAMixParams& a, int64_t chunk_b
     S* __restrict__ exp_avg_sq = static_cast<S*>(t.exp_avg_sq);
     master_t<MASTER>* __restrict__ master = static_cast<master_t<MASTER>*>(t.master_param);
     const AdEMAMixCoeffs c = t.coeffs;
-    FASTOPT_SIMD_LOOP
-    for (int64_t k = seg.begin; k < seg.end; ++k) {
-      float p = load_weight<MASTER>(param, master, k);
-      float m1 = load_f32(exp_avg[k]);
-      float m2 = load_f32(exp_avg_slow[k]);
-      float v = load_f32(exp_avg_sq[k]);
-      ademamix_element(p, transform_grad(load_f32(grad[k]), x), m1, m2, v, c);
-      store_weight<MASTER>(param, master, k, p);
-      exp_avg[k] = store_f32<S>(m1);
-      exp_avg_slow[k] = store_f32<S>(m2);
-      exp_avg_sq[k] = store_f32<S>(v);
+    if constexpr (std::is_same_v<S, q8>) {
+      const Q8View q1 = q8_view(t.exp_avg, t.numel), q2 = q8_view(t.exp_avg_slow, t.numel),
+                   qv = q8_view(t.exp_avg_sq, t.numel);
+      for (int64_t k0 = seg.begin; k0 < seg.end; k0 += kQ8Block) {
+        const int64_t len = seg.end - k0 < kQ8Block ? seg.end - k0 : kQ8Block;
+        const int64_t blk = k0 / kQ8Block;
+        const float s1 = q1.scales[blk], s2 = q2.scales[blk], sv = qv.scales[blk];
+        float b1[kQ8Block], b2[kQ8Block], bv[kQ8Block];
+        FASTOPT_SIMD_LOOP
+        for (int64_t j = 0; j < len; ++j) {
+          const int64_t k = k0 + j;
+          float p = load_weight<MASTER>(param, master, k);
+          float m1 = q8_decode_signed(q1.codes[k], s1);
+          float m2 = q8_decode_signed(q2.codes[k], s2);
+          float v = q8_decode_unsigned(qv.codes[k], sv);
+          ademamix_element(p, transform_grad(load_f32(grad[k]), x), m1, m2, v, c);
+          store_weight<MASTER>(param, master, k, p);
+          b1[j] = m1;
+          b2[j] = m2;
+          bv[j] = v;
+        }
+        q8_store<true>(q1, k0, b1, len);
+        q8_store<true>(q2, k0, b2, len);
+        q8_store<false>(qv, k0, bv, len);
+      }
+    } else {
+      FASTOPT_SIMD_LOOP
+      for (int64_t k = seg.begin; k < seg.end; ++k) {
+        float p = load_weight<MASTER>(param, master, k);
+        float m1 = load_f32(exp_avg[k]);
+        float m2 = load_f32(exp_avg_slow[k]);
+        float v = load_f32(exp_avg_sq[k]);
+        ademamix_element(p, transform_grad(load_f32(grad[k]), x), m1, m2, v, c);
+        store_weight<MASTER>(param, master, k, p);
+        exp_avg[k] = store_f32<S>(m1);
+        exp_avg_slow[k] = store_f32<S>(m2);
+        exp_avg_sq[k] = store_f32<S>(v);
+      }
     }
   }
 }

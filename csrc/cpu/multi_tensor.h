@@ -17,8 +17,9 @@
 //
 // A chunk boundary inside a tensor always falls on a multiple of kAlignElems
 // elements of that tensor, so (with torch's 64-byte aligned allocations) the
-// vector loops start aligned and two threads never write the same cache
-// line. The plan depends only on the tensor sizes, never on the thread count:
+// vector loops start aligned, two threads never write the same cache
+// line, and a block of 8-bit moments (256 elements, NOTE [int8 moments]) is
+// never split between two chunks. The plan depends only on the tensor sizes, never on the thread count:
 // grad_sumsq keeps one partial sum per chunk and adds them in chunk order, so
 // its result is the same with 1 or 64 threads.
 #pragma once
@@ -33,7 +34,7 @@ namespace fastopt::cpu {
 // bookkeeping is noise, small enough that 64M elements give 2048 chunks to
 // balance over the threads.
 constexpr int64_t kChunkElems = 32768;
-constexpr int64_t kAlignElems = 64;
+constexpr int64_t kAlignElems = 256;
 
 // Elements [begin, end) of tensor `tensor`.
 struct Segment {

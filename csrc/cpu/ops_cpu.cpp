@@ -83,7 +83,7 @@ std::vector<int64_t> numels_of(TensorList tensors) {
 // the storage types of l (kernels.h's float / bf16 / fp16) and its master
 // kind. Only the combinations check_update_lists allows are instantiated:
 // masters for 16-bit params, remainders for bf16 params, moments in float32,
-// bf16 or the params' type.
+// bf16, the params' type or 8-bit.
 template <typename P, typename G, typename S, typename Pick>
 auto pick_master(const UpdateLists& l, Pick& pick) {
   if constexpr (std::is_same_v<P, bf16>) {
@@ -104,6 +104,8 @@ auto pick_state(const UpdateLists& l, Pick& pick) {
       return pick_master<P, G, float>(l, pick);
     case at::kBFloat16:
       return pick_master<P, G, bf16>(l, pick);
+    case at::kByte:  // NOTE [int8 moments]
+      return pick_master<P, G, q8>(l, pick);
     default:  // the params' type
       return pick_master<P, G, P>(l, pick);
   }
@@ -139,9 +141,11 @@ void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
   constexpr const char* op = "fastopt::adamw_";
   if (params.empty()) return;
   const UpdateLists l = check_update_lists(op, at::kCPU, params, grads, master_params, exp_avgs);
-  check_list(op, "exp_avgs", exp_avgs, l.state, params);
-  check_list(op, "exp_avg_sqs", exp_avg_sqs, l.state, params);
+  check_moments(op, "exp_avgs", exp_avgs, l.state, params);
+  check_moments(op, "exp_avg_sqs", exp_avg_sqs, l.state, params);
   if (amsgrad) {
+    TORCH_CHECK(l.state != at::kByte, op,
+                ": amsgrad is not supported with 8-bit moments (NOTE [int8 moments])");
     check_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, l.state, params);
   } else {
     TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": max_exp_avg_sqs given but amsgrad is false");
@@ -162,7 +166,8 @@ void adamw_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
       coeffs = adamw_coeffs(s.lr, beta1, beta2, eps, weight_decay, step);
       last_step = step;
     }
-    tensors[i] = {params[i].data_ptr(),
+    tensors[i] = {params[i].numel(),
+                  params[i].data_ptr(),
                   grads[i].const_data_ptr(),
                   exp_avgs[i].data_ptr(),
                   exp_avg_sqs[i].data_ptr(),
@@ -188,15 +193,15 @@ void lion_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
   constexpr const char* op = "fastopt::lion_";
   if (params.empty()) return;
   const UpdateLists l = check_update_lists(op, at::kCPU, params, grads, master_params, exp_avgs);
-  check_list(op, "exp_avgs", exp_avgs, l.state, params);
+  check_moments(op, "exp_avgs", exp_avgs, l.state, params);
   const UpdateScalars s = read_update_scalars(op, lr, lr_tensor, maximize, grad_mul,
                                               max_grad_value, clip_coef, skip);
   if (s.skip) return;
 
   std::vector<LionTensor> tensors(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    tensors[i] = {params[i].data_ptr(), grads[i].const_data_ptr(), exp_avgs[i].data_ptr(),
-                  data_or_null<void>(master_params, i)};
+    tensors[i] = {params[i].numel(), params[i].data_ptr(), grads[i].const_data_ptr(),
+                  exp_avgs[i].data_ptr(), data_or_null<void>(master_params, i)};
   }
   const ChunkPlan plan(numels_of(params));
   const LionParams p{tensors.data(), plan.view(), s.transform,
@@ -221,9 +226,9 @@ void ademamix_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
   constexpr const char* op = "fastopt::ademamix_";
   if (params.empty()) return;
   const UpdateLists l = check_update_lists(op, at::kCPU, params, grads, master_params, exp_avgs);
-  check_list(op, "exp_avgs", exp_avgs, l.state, params);
-  check_list(op, "exp_avgs_slow", exp_avgs_slow, l.state, params);
-  check_list(op, "exp_avg_sqs", exp_avg_sqs, l.state, params);
+  check_moments(op, "exp_avgs", exp_avgs, l.state, params);
+  check_moments(op, "exp_avgs_slow", exp_avgs_slow, l.state, params);
+  check_moments(op, "exp_avg_sqs", exp_avg_sqs, l.state, params);
   check_steps(op, state_steps, params);
   check_warmups(op, t_alpha, t_beta3);
   const UpdateScalars s = read_update_scalars(op, lr, lr_tensor, maximize, grad_mul,
@@ -240,7 +245,8 @@ void ademamix_cpu(TensorList params, TensorList grads, TensorList exp_avgs,
                                t_beta3.value_or(0.0), eps, weight_decay, step);
       last_step = step;
     }
-    tensors[i] = {params[i].data_ptr(),       grads[i].const_data_ptr(),
+    tensors[i] = {params[i].numel(),          params[i].data_ptr(),
+                  grads[i].const_data_ptr(),
                   exp_avgs[i].data_ptr(),     exp_avgs_slow[i].data_ptr(),
                   exp_avg_sqs[i].data_ptr(),  data_or_null<void>(master_params, i),
                   coeffs};

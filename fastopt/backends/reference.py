@@ -76,7 +76,9 @@ def _check(op: str, params: list[Tensor], **lists: list[Tensor]) -> None:
         if len(tensors) != len(params):
             raise RuntimeError(f"{op}: {name} has {len(tensors)} tensors, params {len(params)}")
         for i, (t, p) in enumerate(zip(tensors, params)):
-            if t.numel() != p.numel() or t.device != p.device:
+            # an 8-bit moment holds its codes and scales (NOTE [int8 moments])
+            size = _compressed.q8_bytes(p.numel()) if _compressed.is_q8(t) else p.numel()
+            if t.numel() != size or t.device != p.device:
                 raise RuntimeError(
                     f"{op}: {name}[{i}] has {t.numel()} elements on {t.device}, "
                     f"params[{i}] {p.numel()} on {p.device}"
@@ -101,6 +103,21 @@ def _store_weight(master_params: list[Tensor], i: int, p: Tensor, w: Tensor) -> 
         p.detach().copy_(w)
 
 
+def _load_moment(t: Tensor, p: Tensor, dtype: torch.dtype, signed: bool = True) -> Tensor:
+    """A moment in fp32 (a fresh tensor shaped like p), decoded when 8-bit."""
+    if _compressed.is_q8(t):
+        return _compressed.q8_decode(t, p.numel(), signed).to(dtype).view(p.shape)
+    return t.to(dtype)
+
+
+def _store_moment(t: Tensor, x: Tensor, signed: bool = True) -> None:
+    """Store moment ``x``: rounded to nearest even, or coded (NOTE [int8 moments])."""
+    if _compressed.is_q8(t):
+        _compressed.q8_encode_into(t, x, signed)
+    else:
+        t.copy_(x)
+
+
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params, state_steps, *,
            lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
            grad_mul, max_grad_value, clip_coef, skip) -> None:  # fmt: skip
@@ -122,15 +139,15 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
         step = float(state_steps[i].item())
         g = _transform(grads[i], grad_mul, max_grad_value, clip_coef, maximize)
         w = _weight(master_params, i, p, g.dtype)
-        m = exp_avgs[i].to(g.dtype)
-        v = exp_avg_sqs[i].to(g.dtype)
+        m = _load_moment(exp_avgs[i], p, g.dtype)
+        v = _load_moment(exp_avg_sqs[i], p, g.dtype, signed=False)
 
         w.mul_(1 - lr * weight_decay)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         if amsgrad:
-            vmax = torch.maximum(max_exp_avg_sqs[i].to(g.dtype), v)
-            max_exp_avg_sqs[i].copy_(vmax)
+            vmax = torch.maximum(_load_moment(max_exp_avg_sqs[i], p, g.dtype, signed=False), v)
+            _store_moment(max_exp_avg_sqs[i], vmax, signed=False)
             v_used = vmax
         else:
             v_used = v
@@ -138,8 +155,8 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
         denom = (v_used.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
         w.addcdiv_(m, denom, value=-step_size)
 
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
+        _store_moment(exp_avgs[i], m)
+        _store_moment(exp_avg_sqs[i], v, signed=False)
         _store_weight(master_params, i, p, w)
 
 
@@ -159,7 +176,7 @@ def lion_(params, grads, exp_avgs, master_params, *,
     for i, p in enumerate(params):
         g = _transform(grads[i], grad_mul, max_grad_value, clip_coef, maximize)
         w = _weight(master_params, i, p, g.dtype)
-        m = exp_avgs[i].to(g.dtype)
+        m = _load_moment(exp_avgs[i], p, g.dtype)
 
         c = m.lerp(g, 1 - beta1)
         # sign(0) = 0; a NaN stays NaN (torch.sign maps it to 0, which would hide it).
@@ -167,7 +184,7 @@ def lion_(params, grads, exp_avgs, master_params, *,
         w.mul_(1 - lr * weight_decay).add_(update, alpha=-lr)
         m.lerp_(g, 1 - beta2)
 
-        exp_avgs[i].copy_(m)
+        _store_moment(exp_avgs[i], m)
         _store_weight(master_params, i, p, w)
 
 
@@ -205,9 +222,9 @@ def ademamix_(params, grads, exp_avgs, exp_avgs_slow, exp_avg_sqs, master_params
         alpha_t, beta3_t = ademamix_schedules(step, alpha, beta1, beta3, t_alpha, t_beta3)
         g = _transform(grads[i], grad_mul, max_grad_value, clip_coef, maximize)
         w = _weight(master_params, i, p, g.dtype)
-        m1 = exp_avgs[i].to(g.dtype)
-        m2 = exp_avgs_slow[i].to(g.dtype)
-        v = exp_avg_sqs[i].to(g.dtype)
+        m1 = _load_moment(exp_avgs[i], p, g.dtype)
+        m2 = _load_moment(exp_avgs_slow[i], p, g.dtype)
+        v = _load_moment(exp_avg_sqs[i], p, g.dtype, signed=False)
 
         m1.lerp_(g, 1 - beta1)
         m2.lerp_(g, 1 - beta3_t)
@@ -216,9 +233,9 @@ def ademamix_(params, grads, exp_avgs, exp_avgs_slow, exp_avg_sqs, master_params
         update = (m1 / (1 - beta1**step) + alpha_t * m2) / denom + weight_decay * w
         w.add_(update, alpha=-lr)
 
-        exp_avgs[i].copy_(m1)
-        exp_avgs_slow[i].copy_(m2)
-        exp_avg_sqs[i].copy_(v)
+        _store_moment(exp_avgs[i], m1)
+        _store_moment(exp_avgs_slow[i], m2)
+        _store_moment(exp_avg_sqs[i], v, signed=False)
         _store_weight(master_params, i, p, w)
 
 

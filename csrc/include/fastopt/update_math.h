@@ -108,6 +108,68 @@ FASTOPT_HD uint16_t split_remainder(uint32_t master_bits) {
   return static_cast<uint16_t>(master_bits & 0xFFFFu);
 }
 
+// ---- 8-bit moments (state_dtype="int8") ----------------------------------------
+//
+// NOTE [int8 moments]
+// A moment tensor of n elements is stored as ceil(n / 256) blocks of 256
+// one-byte codes followed by one fp32 scale per block (the block's largest
+// magnitude), in one uint8 tensor of q8_bytes(n) bytes; the codes of the
+// last block past n are zero padding. A code is companded: the first moments
+// (m, AdEMAMix's slow m2, Lion's m) as the signed byte q = rint(127 *
+// sqrt(|x| / s)) * sign(x), the second moment v >= 0 as the unsigned byte
+// q = rint(255 * (v / s)^(1/4)), and never 0 for a v > 0 (so a tiny v cannot
+// decode to 0 and divide a non-zero m by eps alone). Decoding is
+// s * sign(q) * (q/127)^2 and s * (q/255)^4. The block's largest element
+// codes to the top code and decodes to s exactly, so a block whose elements
+// all decay decays exactly; the scale is fp32 because a rounded (bf16) scale
+// makes that element drift by the scale's rounding every store, which
+// beta2 = 0.999 compounds about a thousand-fold (measured, NOTE [int8 moments]
+// in fastopt/_compressed.py, with the comparison against bitsandbytes'
+// dynamic code at block 256 that chose this code). Every store rounds to
+// nearest even. A block holding a NaN or an infinity gets that scale, which
+// decodes the whole block to NaN: a non-finite moment stays non-finite, for
+// its block. Each kernel updates the 256 elements of a block from the decoded
+// values in fp32 registers, then takes the block's new scale and codes it.
+constexpr int kQ8Block = 256;
+
+FASTOPT_HD int64_t q8_blocks(int64_t n) { return (n + kQ8Block - 1) / kQ8Block; }
+// Bytes of the uint8 state of an n-element moment: codes, then the fp32 scales.
+FASTOPT_HD int64_t q8_bytes(int64_t n) { return q8_blocks(n) * (kQ8Block + 4); }
+
+// The fp32 reciprocal-free code of |x| / s in [0, 1] (0 when s is 0 or not finite).
+FASTOPT_HD float q8_ratio(float a, float s) {
+  const bool usable = s > 0.0f && s <= 3.402823466e38f;
+  const float r = usable ? a / s : 0.0f;
+  return r < 1.0f ? r : 1.0f;  // a NaN a gives 1 here, but then s is NaN and unusable
+}
+
+FASTOPT_HD uint8_t q8_encode_signed(float x, float s) {
+  const float q = ::rintf(::sqrtf(q8_ratio(::fabsf(x), s)) * 127.0f);
+  const int code = static_cast<int>(q);
+  return static_cast<uint8_t>(x < 0.0f ? -code : code);
+}
+FASTOPT_HD float q8_decode_signed(uint8_t bits, float s) {
+  const float t = static_cast<float>(static_cast<int8_t>(bits)) / 127.0f;
+  return (t * ::fabsf(t)) * s;
+}
+
+FASTOPT_HD uint8_t q8_encode_unsigned(float v, float s) {
+  const float q = ::rintf(::sqrtf(::sqrtf(q8_ratio(v, s))) * 255.0f);
+  const int code = static_cast<int>(q);
+  return static_cast<uint8_t>(code == 0 && v > 0.0f ? 1 : code);
+}
+FASTOPT_HD float q8_decode_unsigned(uint8_t bits, float s) {
+  const float t = static_cast<float>(bits) / 255.0f;
+  const float t2 = t * t;
+  return (t2 * t2) * s;
+}
+
+// The running block scale: the largest |x|, NaN as soon as one element is NaN.
+FASTOPT_HD float q8_absmax(float acc, float x) {
+  const float a = ::fabsf(x);
+  return (a > acc || a != a) ? a : acc;
+}
+
 // torch.lerp(a, b, w) (NOTE [one formula per quantity]).
 FASTOPT_HD float lerp(float a, float b, float w) {
   const float diff = b - a;
