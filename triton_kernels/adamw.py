@@ -10,6 +10,7 @@ pieces live in multi_tensor.py (table walk, chunk loop) and elementwise.py
 
 from __future__ import annotations
 
+import torch
 import triton.language as tl
 
 from fastopt.triton_kernels import elementwise as em
@@ -43,6 +44,8 @@ def adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, master_params,
     if not params:
         return
     state_dtype = mt.moment_dtype(params, exp_avgs)
+    if amsgrad and state_dtype == torch.uint8:
+        raise ValueError("fastopt triton backend: amsgrad is not supported with 8-bit moments")
     states = [(exp_avgs, state_dtype), (exp_avg_sqs, state_dtype)]
     if amsgrad:
         states.append((max_exp_avg_sqs, state_dtype))
@@ -72,7 +75,7 @@ def _adamw_kernel(
     weight_decay: tl.float64,
     P_DTYPE: tl.constexpr,  # storage dtype of params
     G_DTYPE: tl.constexpr,  # storage dtype of grads: P_DTYPE, or fp32 for bf16/fp16 params
-    S_DTYPE: tl.constexpr,  # storage dtype of the moments: fp32, bf16 or P_DTYPE
+    S_DTYPE: tl.constexpr,  # storage dtype of the moments: fp32, bf16, P_DTYPE or uint8 (8-bit)
     MASTER: tl.constexpr,  # 0: none; 1: fp32 master; 2: int16 remainder (NOTE [master remainder])
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned (NOTE [triton multi-tensor])
     AMSGRAD: tl.constexpr,  # read/write max_exp_avg_sq
@@ -81,8 +84,8 @@ def _adamw_kernel(
         row, start, n, weights = mt.update_prologue(
             chunks_ptr, rows_ptr, P_DTYPE, G_DTYPE, MASTER, ALIGNED
         )
-        m_ptr = mt.array_ptr(row, EXP_AVG, S_DTYPE, ALIGNED)
-        v_ptr = mt.array_ptr(row, EXP_AVG_SQ, S_DTYPE, ALIGNED)
+        m_ptr, m_scales = mt.moment_ptrs(row, EXP_AVG, S_DTYPE, ALIGNED, n)
+        v_ptr, v_scales = mt.moment_ptrs(row, EXP_AVG_SQ, S_DTYPE, ALIGNED, n)
         vmax_ptr = mt.array_ptr(row, MAX_EXP_AVG_SQ, S_DTYPE, ALIGNED) if AMSGRAD else v_ptr
         coeffs = _adamw_coeffs(
             em.learning_rate(lr, lr_ptr),
@@ -94,7 +97,7 @@ def _adamw_kernel(
         )
         args = (
             weights,
-            (m_ptr, v_ptr, vmax_ptr),
+            (m_ptr, v_ptr, vmax_ptr, m_scales, v_scales),
             coeffs,
             em.grad_scalars(transform),
             AMSGRAD,
@@ -121,12 +124,14 @@ def _adamw_coeffs(lr, beta1, beta2, eps, weight_decay, t):
 @device_fn
 def _adamw_block(args, offs, mask):
     """One block of AdamW (update_math.h's adamw_element)."""
-    (p_ptr, g_ptr, w_ptr), (m_ptr, v_ptr, vmax_ptr), coeffs, transform, AMSGRAD, MASTER = args
+    (p_ptr, g_ptr, w_ptr), moments, coeffs, transform, AMSGRAD, MASTER = args
+    m_ptr, v_ptr, vmax_ptr, m_scales, v_scales = moments
     one_minus_beta1, beta2, one_minus_beta2, eps, decay, step_size, bias_corr2_sqrt = coeffs
     g = em.transform_grad(em.load(g_ptr, offs, mask), transform)
     w = em.load_weight(p_ptr, w_ptr, offs, mask) * decay
-    m = em.lerp(em.load(m_ptr, offs, mask), g, one_minus_beta1)
-    v = em.second_moment(em.load(v_ptr, offs, mask), g, beta2, one_minus_beta2)
+    m = em.lerp(em.load_moment(m_ptr, m_scales, offs, mask, True), g, one_minus_beta1)
+    v = em.load_moment(v_ptr, v_scales, offs, mask, False)
+    v = em.second_moment(v, g, beta2, one_minus_beta2)
     v_used = v
     if AMSGRAD:
         # NaN-propagating max, like torch.maximum.
@@ -134,7 +139,7 @@ def _adamw_block(args, offs, mask):
         em.store(vmax_ptr, offs, v_used, mask)
     # torch's addcdiv_(m, denom, value=-step_size): p + (value * m) / denom.
     w = w + tl.div_rn((-step_size) * m, em.adam_denom(v_used, bias_corr2_sqrt, eps))
-    em.store(m_ptr, offs, m, mask)
-    em.store(v_ptr, offs, v, mask)
+    em.store_moment(m_ptr, m_scales, offs, m, mask, True)
+    em.store_moment(v_ptr, v_scales, offs, v, mask, False)
     em.store_weight(p_ptr, w_ptr, offs, w, mask, MASTER)
     return 0.0

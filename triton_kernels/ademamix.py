@@ -81,7 +81,7 @@ def _ademamix_kernel(
     weight_decay: tl.float64,
     P_DTYPE: tl.constexpr,  # storage dtype of params
     G_DTYPE: tl.constexpr,  # storage dtype of grads: P_DTYPE, or fp32 for bf16/fp16 params
-    S_DTYPE: tl.constexpr,  # storage dtype of the moments: fp32, bf16 or P_DTYPE
+    S_DTYPE: tl.constexpr,  # storage dtype of the moments: fp32, bf16, P_DTYPE or uint8 (8-bit)
     MASTER: tl.constexpr,  # 0: none; 1: fp32 master; 2: int16 remainder (NOTE [master remainder])
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned (NOTE [triton multi-tensor])
 ):
@@ -89,9 +89,9 @@ def _ademamix_kernel(
         row, start, n, weights = mt.update_prologue(
             chunks_ptr, rows_ptr, P_DTYPE, G_DTYPE, MASTER, ALIGNED
         )
-        m1_ptr = mt.array_ptr(row, EXP_AVG, S_DTYPE, ALIGNED)
-        m2_ptr = mt.array_ptr(row, EXP_AVG_SLOW, S_DTYPE, ALIGNED)
-        v_ptr = mt.array_ptr(row, EXP_AVG_SQ, S_DTYPE, ALIGNED)
+        m1_ptr, m1_scales = mt.moment_ptrs(row, EXP_AVG, S_DTYPE, ALIGNED, n)
+        m2_ptr, m2_scales = mt.moment_ptrs(row, EXP_AVG_SLOW, S_DTYPE, ALIGNED, n)
+        v_ptr, v_scales = mt.moment_ptrs(row, EXP_AVG_SQ, S_DTYPE, ALIGNED, n)
         coeffs = _ademamix_coeffs(
             em.learning_rate(lr, lr_ptr),
             em.f64(beta1),
@@ -104,7 +104,8 @@ def _ademamix_kernel(
             em.f64(weight_decay),
             mt.step_count(row),
         )
-        args = (weights, (m1_ptr, m2_ptr, v_ptr), coeffs, em.grad_scalars(transform), MASTER)
+        moments = (m1_ptr, m2_ptr, v_ptr, m1_scales, m2_scales, v_scales)
+        args = (weights, moments, coeffs, em.grad_scalars(transform), MASTER)
         mt.for_each_block(_ademamix_block, args, start, n)
 
 
@@ -140,19 +141,21 @@ def _ademamix_coeffs(lr, beta1, beta2, beta3, alpha, t_alpha, t_beta3, eps, weig
 @device_fn
 def _ademamix_block(args, offs, mask):
     """One block of AdEMAMix (update_math.h's ademamix_element)."""
-    (p_ptr, g_ptr, w_ptr), (m1_ptr, m2_ptr, v_ptr), coeffs, transform, MASTER = args
+    (p_ptr, g_ptr, w_ptr), moments, coeffs, transform, MASTER = args
+    m1_ptr, m2_ptr, v_ptr, m1_scales, m2_scales, v_scales = moments
     (one_minus_beta1, one_minus_beta3, beta2, one_minus_beta2, alpha, eps, lr, weight_decay,
      bias_corr1, bias_corr2_sqrt) = coeffs  # fmt: skip
     g = em.transform_grad(em.load(g_ptr, offs, mask), transform)
     w = em.load_weight(p_ptr, w_ptr, offs, mask)
-    m1 = em.lerp(em.load(m1_ptr, offs, mask), g, one_minus_beta1)
-    m2 = em.lerp(em.load(m2_ptr, offs, mask), g, one_minus_beta3)
-    v = em.second_moment(em.load(v_ptr, offs, mask), g, beta2, one_minus_beta2)
+    m1 = em.lerp(em.load_moment(m1_ptr, m1_scales, offs, mask, True), g, one_minus_beta1)
+    m2 = em.lerp(em.load_moment(m2_ptr, m2_scales, offs, mask, True), g, one_minus_beta3)
+    v = em.load_moment(v_ptr, v_scales, offs, mask, False)
+    v = em.second_moment(v, g, beta2, one_minus_beta2)
     denom = em.adam_denom(v, bias_corr2_sqrt, eps)
     update = tl.div_rn(tl.div_rn(m1, bias_corr1) + alpha * m2, denom) + weight_decay * w
     w = tl.fma(update, -lr, w)  # torch's add_(update, alpha=-lr)
-    em.store(m1_ptr, offs, m1, mask)
-    em.store(m2_ptr, offs, m2, mask)
-    em.store(v_ptr, offs, v, mask)
+    em.store_moment(m1_ptr, m1_scales, offs, m1, mask, True)
+    em.store_moment(m2_ptr, m2_scales, offs, m2, mask, True)
+    em.store_moment(v_ptr, v_scales, offs, v, mask, False)
     em.store_weight(p_ptr, w_ptr, offs, w, mask, MASTER)
     return 0.0

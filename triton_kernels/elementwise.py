@@ -189,3 +189,100 @@ def store_weight(p_ptr, w_ptr, offs, w, mask, MASTER: tl.constexpr):
         if MASTER:
             tl.store(w_ptr + offs, w, mask=mask)
         store(p_ptr, offs, w, mask)
+
+
+# ---- 8-bit moments (NOTE [int8 moments] in update_math.h) ----------------------------
+# The same arithmetic as update_math.h's q8_* functions. A moment list of uint8
+# holds each tensor's codes followed by its fp32 block scales; the block
+# functions see it through the moment pointer's element type (as NOTE [remainder
+# test at compile time]) and get the scales' pointer next to it.
+
+Q8_BLOCK = tl.constexpr(256)
+
+
+@device_fn
+def q8_scales_ptr(codes_ptr, n):
+    """The fp32 block scales of an 8-bit moment of ``n`` elements: after its codes."""
+    blocks = (n + Q8_BLOCK - 1) // Q8_BLOCK
+    return (codes_ptr + blocks * Q8_BLOCK).to(tl.pointer_type(tl.float32), bitcast=True)
+
+
+@device_fn
+def _rint(x):
+    """x rounded to the nearest integer, ties to even, for 0 <= x < 2^23 (the fp32
+    add rounds the fraction away; what rintf does)."""
+    return (x + 8388608.0) - 8388608.0
+
+
+@device_fn
+def _q8_ratio(a, s):
+    usable = (s > 0.0) & (s <= 3.4028234663852886e38)
+    r = tl.where(usable, tl.div_rn(a, tl.where(usable, s, 1.0)), 0.0)
+    return tl.where(r < 1.0, r, 1.0)
+
+
+@device_fn
+def _q8_decode(q, s, SIGNED: tl.constexpr):
+    if SIGNED:
+        t = tl.div_rn(q.to(tl.int8, bitcast=True).to(tl.float32), tl.full(q.shape, 127.0, tl.float32))
+        x = (t * tl.abs(t)) * s
+    else:
+        t = tl.div_rn(q.to(tl.float32), tl.full(q.shape, 255.0, tl.float32))
+        t2 = t * t
+        x = (t2 * t2) * s
+    return x
+
+
+@device_fn
+def _q8_encode(x, s, SIGNED: tl.constexpr):
+    if SIGNED:
+        q = _rint(tl.sqrt_rn(_q8_ratio(tl.abs(x), s)) * 127.0).to(tl.int32)
+        code = tl.where(x < 0.0, -q, q).to(tl.int8).to(tl.uint8, bitcast=True)
+    else:
+        q = _rint(tl.sqrt_rn(tl.sqrt_rn(_q8_ratio(x, s))) * 255.0).to(tl.int32)
+        code = tl.where((q == 0) & (x > 0.0), 1, q).to(tl.uint8)
+    return code
+
+
+@device_fn
+def q8_load(codes_ptr, scales_ptr, offs, mask, SIGNED: tl.constexpr):
+    """A block of an 8-bit moment, decoded to fp32 (0 where masked)."""
+    q = tl.load(codes_ptr + offs, mask=mask, other=0)
+    s = tl.load(scales_ptr + offs // Q8_BLOCK, mask=mask, other=0.0)
+    return _q8_decode(q, s, SIGNED)
+
+
+@device_fn
+def q8_store(codes_ptr, scales_ptr, offs, x, mask, SIGNED: tl.constexpr):
+    """fp32 ``x`` (0 where masked) coded into an 8-bit moment: each 256-element block
+    gets its largest magnitude as its scale (NaN if it holds a NaN). ``offs`` starts
+    on a block boundary and spans whole blocks."""
+    ROWS: tl.constexpr = offs.shape[0] // Q8_BLOCK
+    a = tl.reshape(tl.abs(x), (ROWS, Q8_BLOCK))
+    nan = tl.max((a != a).to(tl.int32), axis=1) > 0
+    s = tl.where(nan, float("nan"), tl.max(tl.where(a == a, a, 0.0), axis=1))
+    per_elem = tl.reshape(tl.broadcast_to(s[:, None], (ROWS, Q8_BLOCK)), (ROWS * Q8_BLOCK,))
+    tl.store(codes_ptr + offs, _q8_encode(x, per_elem, SIGNED), mask=mask)
+    rows = tl.reshape(offs, (ROWS, Q8_BLOCK))
+    live = tl.max(tl.reshape(mask.to(tl.int32), (ROWS, Q8_BLOCK)), axis=1) > 0
+    tl.store(scales_ptr + tl.min(rows, axis=1) // Q8_BLOCK, s, mask=live)
+
+
+@device_fn
+def load_moment(ptr, scales_ptr, offs, mask, SIGNED: tl.constexpr):
+    """A block of a moment in fp32: decoded when the moments are 8-bit (uint8
+    ``ptr``), else widened from its storage dtype."""
+    if ptr.dtype.element_ty == tl.uint8:
+        x = q8_load(ptr, scales_ptr, offs, mask, SIGNED)
+    else:
+        x = load(ptr, offs, mask)
+    return x
+
+
+@device_fn
+def store_moment(ptr, scales_ptr, offs, x, mask, SIGNED: tl.constexpr):
+    """Store a block of a moment: coded when 8-bit, else rounded to nearest even."""
+    if ptr.dtype.element_ty == tl.uint8:
+        q8_store(ptr, scales_ptr, offs, x, mask, SIGNED)
+    else:
+        store(ptr, offs, x, mask)

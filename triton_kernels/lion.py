@@ -57,7 +57,7 @@ def _lion_kernel(
     weight_decay: tl.float64,
     P_DTYPE: tl.constexpr,  # storage dtype of params
     G_DTYPE: tl.constexpr,  # storage dtype of grads: P_DTYPE, or fp32 for bf16/fp16 params
-    S_DTYPE: tl.constexpr,  # storage dtype of the moments: fp32, bf16 or P_DTYPE
+    S_DTYPE: tl.constexpr,  # storage dtype of the moments: fp32, bf16, P_DTYPE or uint8 (8-bit)
     MASTER: tl.constexpr,  # 0: none; 1: fp32 master; 2: int16 remainder (NOTE [master remainder])
     ALIGNED: tl.constexpr,  # every address is 16-byte aligned (NOTE [triton multi-tensor])
 ):
@@ -65,11 +65,11 @@ def _lion_kernel(
         row, start, n, weights = mt.update_prologue(
             chunks_ptr, rows_ptr, P_DTYPE, G_DTYPE, MASTER, ALIGNED
         )
-        m_ptr = mt.array_ptr(row, EXP_AVG, S_DTYPE, ALIGNED)
+        m_ptr, m_scales = mt.moment_ptrs(row, EXP_AVG, S_DTYPE, ALIGNED, n)
         coeffs = _lion_coeffs(
             em.learning_rate(lr, lr_ptr), em.f64(beta1), em.f64(beta2), em.f64(weight_decay)
         )
-        args = (weights, m_ptr, coeffs, em.grad_scalars(transform), MASTER)
+        args = (weights, (m_ptr, m_scales), coeffs, em.grad_scalars(transform), MASTER)
         mt.for_each_block(_lion_block, args, start, n)
 
 
@@ -87,16 +87,16 @@ def _lion_coeffs(lr, beta1, beta2, weight_decay):
 @device_fn
 def _lion_block(args, offs, mask):
     """One block of Lion (update_math.h's lion_element)."""
-    (p_ptr, g_ptr, w_ptr), m_ptr, coeffs, transform, MASTER = args
+    (p_ptr, g_ptr, w_ptr), (m_ptr, m_scales), coeffs, transform, MASTER = args
     lr, one_minus_beta1, one_minus_beta2, decay = coeffs
     g = em.transform_grad(em.load(g_ptr, offs, mask), transform)
     w = em.load_weight(p_ptr, w_ptr, offs, mask)
-    m = em.load(m_ptr, offs, mask)
+    m = em.load_moment(m_ptr, m_scales, offs, mask, True)
     c = em.lerp(m, g, one_minus_beta1)
     # sign(0) = 0, and a NaN stays NaN (as in update_math.h) so a non-finite
     # gradient without a norm pass is visible in the weights.
     update = tl.where(c > 0.0, 1.0, tl.where(c < 0.0, -1.0, c))
     w = w * decay - lr * update
-    em.store(m_ptr, offs, em.lerp(m, g, one_minus_beta2), mask)
+    em.store_moment(m_ptr, m_scales, offs, em.lerp(m, g, one_minus_beta2), mask, True)
     em.store_weight(p_ptr, w_ptr, offs, w, mask, MASTER)
     return 0.0

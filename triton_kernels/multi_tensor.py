@@ -49,7 +49,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastopt.triton_kernels.elementwise import GradTransform
+from fastopt.triton_kernels.elementwise import GradTransform, q8_scales_ptr
+from fastopt._compressed import q8_bytes
 from fastopt.triton_kernels.interpreter import device_fn, interpreting
 
 # Elements per program. 8192 fp32 AdamW elements move ~224 KB per program:
@@ -78,7 +79,8 @@ BLOCK = tl.constexpr(INTERPRET_BLOCK if interpreting() else COMPILED_BLOCK)
 LAUNCH_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 
 # The storage dtypes the kernels take, and their Triton names.
-TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+            torch.uint8: tl.uint8}  # uint8: 8-bit moments (NOTE [int8 moments])
 
 # Row layout of the tensor table (int64 words): numel, the address of the
 # tensor's step scalar (0 for Lion), then one address per array.
@@ -135,6 +137,18 @@ def array_ptr(row, SLOT: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexp
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
+
+
+@device_fn
+def moment_ptrs(row, SLOT: tl.constexpr, S_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, n):
+    """A moment array of a tensor row and, for 8-bit moments (uint8, NOTE [int8
+    moments]), the pointer to its fp32 block scales (else the array again, unused)."""
+    ptr = array_ptr(row, SLOT, S_DTYPE, ALIGNED)
+    if S_DTYPE == tl.uint8:
+        scales = q8_scales_ptr(ptr, n)
+    else:
+        scales = ptr
+    return ptr, scales
 
 
 @device_fn
@@ -263,7 +277,9 @@ def _check(arrays: list[list[Tensor]], dtypes: list[torch.dtype], steps) -> None
         if len(lst) != len(first):
             raise ValueError("fastopt triton backend: tensor lists must match in length")
         for t, p in zip(lst, first, strict=True):
-            if t.numel() != p.numel() or t.device != device or not t.is_contiguous():
+            # an 8-bit moment holds codes and scales (NOTE [int8 moments])
+            size = q8_bytes(p.numel()) if dtype == torch.uint8 else p.numel()
+            if t.numel() != size or t.device != device or not t.is_contiguous():
                 raise ValueError(
                     "fastopt triton backend: tensors must be contiguous, on one device and "
                     f"match their parameter's size (got {tuple(t.shape)} on {t.device})"
@@ -342,13 +358,14 @@ def master_kind(params: list[Tensor], master_params: list[Tensor]) -> int:
 
 
 def moment_dtype(params: list[Tensor], exp_avgs: list[Tensor]) -> torch.dtype:
-    """The moments' storage of a call (the optimizer's state_dtype): float32, bfloat16 or
-    the params' dtype; every moment list of the call must have it (checked on a miss)."""
+    """The moments' storage of a call (the optimizer's state_dtype): float32, bfloat16,
+    the params' dtype or uint8 (8-bit); every moment list of the call must have it
+    (checked on a miss)."""
     dtype = exp_avgs[0].dtype
-    if dtype not in (torch.float32, torch.bfloat16, params[0].dtype):
+    if dtype not in (torch.float32, torch.bfloat16, params[0].dtype, torch.uint8):
         raise ValueError(
             f"fastopt triton backend: moments of {dtype} for {params[0].dtype} params; "
-            "expected float32, bfloat16 or the params' dtype"
+            "expected float32, bfloat16, the params' dtype or uint8 (8-bit moments)"
         )
     return dtype
 
