@@ -20,7 +20,7 @@
 namespace fastopt {
 namespace cuda {
 
-enum class Storage { kFloat, kBFloat16, kHalf, kDouble };
+enum class Storage { kFloat, kBFloat16, kHalf, kDouble, kQ8 };  // kQ8: 8-bit moments
 
 // Parallel lists of raw addresses, lists[k][i] = tensor i of list k.
 struct RawLists {
@@ -34,7 +34,7 @@ struct RawLists {
 struct UpdateParams {
   Storage param;           // params (float, bf16 or fp16)
   Storage grad;            // grads: param, or kFloat for bf16/fp16 params
-  Storage state;           // the moments: kFloat, kBFloat16 or param (state_dtype)
+  Storage state;           // the moments: kFloat, kBFloat16, param or kQ8 (state_dtype)
   Master master;           // where the weight lives (NOTE [master remainder])
   double lr;               // used when lr_ptr is null
   const float* lr_ptr;     // the lr tensor, or null

@@ -1,6 +1,7 @@
 // Lion over many tensors in a few launches (NOTE [multi-tensor chunking]):
 // the kernel moves bytes to and from fastopt::lion_element (update_math.h).
 #include "cuda/launch.h"
+#include "cuda/q8.cuh"
 #include "cuda/update.cuh"
 
 namespace fastopt {
@@ -24,10 +25,28 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (b.skip) return;
   P* p = chunk_ptr<P>(table, 0, b.chunk);
   const G* g = chunk_ptr<const G>(table, 1, b.chunk);
-  S* m = chunk_ptr<S>(table, 2, b.chunk);
   using W = master_t<MASTER>;
   W* master =
       kHasMaster<MASTER> ? chunk_ptr<W>(table, LionLayout<MASTER>::kMaster, b.chunk) : nullptr;
+  if constexpr (kIsQ8<S>) {
+    // NOTE [int8 moments on the GPU]
+    const Q8Chunk mq = q8_chunk(table, 2, b.chunk);
+    const bool aligned = all_aligned16(p, g, master);
+    auto body = [&](int blk, int off, int count) {
+      const bool full = aligned && count == kQ8Lane;
+      float w[kQ8Lane], gr[kQ8Lane], mo[kQ8Lane];
+      q8_load_weights<MASTER>(p + off, master + off, g + off, count, full, w, gr);
+      q8_load_lane<true>(mq, blk, off, count, mo);
+#pragma unroll
+      for (int j = 0; j < kQ8Lane; ++j) {
+        lion_element(w[j], transform_grad(gr[j], b.transform), mo[j], b.coeffs);
+      }
+      q8_store_weights<MASTER>(p + off, master + off, count, full, w);
+      q8_store_lane<true>(mq, blk, off, count, mo);
+    };
+    for_each_q8_block(b.chunk.len, body);
+  } else {
+  S* m = chunk_ptr<S>(table, 2, b.chunk);
 
   auto body = [&]<int N, bool VECTOR>(int off) {
     float w[N], gr[N], mo[N];
@@ -40,6 +59,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     store_n<N, VECTOR>(m + off, mo);
   };
   for_each_in_chunk<kVecElems<P, S>>(b.chunk.len, all_aligned16(p, g, m, master), body);
+  }
 }
 
 }  // namespace

@@ -36,6 +36,8 @@ Storage storage_of(at::ScalarType dtype) {
       return Storage::kHalf;
     case at::kDouble:
       return Storage::kDouble;
+    case at::kByte:  // 8-bit moments (NOTE [int8 moments])
+      return Storage::kQ8;
     default:  // the checks allow float32 and the above only
       return Storage::kFloat;
   }
@@ -89,9 +91,11 @@ void adamw_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
   constexpr const char* op = "fastopt::adamw_";
   if (params.empty()) return;
   const UpdateLists l = check_update_lists(op, at::kCUDA, params, grads, master_params, exp_avgs);
-  check_list(op, "exp_avgs", exp_avgs, l.state, params);
-  check_list(op, "exp_avg_sqs", exp_avg_sqs, l.state, params);
+  check_moments(op, "exp_avgs", exp_avgs, l.state, params);
+  check_moments(op, "exp_avg_sqs", exp_avg_sqs, l.state, params);
   if (amsgrad) {
+    TORCH_CHECK(l.state != at::kByte, op,
+                ": amsgrad is not supported with 8-bit moments (NOTE [int8 moments])");
     check_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, l.state, params);
   } else {
     TORCH_CHECK(max_exp_avg_sqs.empty(), op, ": max_exp_avg_sqs given but amsgrad is false");
@@ -120,7 +124,7 @@ void lion_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
   constexpr const char* op = "fastopt::lion_";
   if (params.empty()) return;
   const UpdateLists l = check_update_lists(op, at::kCUDA, params, grads, master_params, exp_avgs);
-  check_list(op, "exp_avgs", exp_avgs, l.state, params);
+  check_moments(op, "exp_avgs", exp_avgs, l.state, params);
 
   LionParams p;
   fill_update_params(op, l, params, lr, lr_tensor, maximize, grad_mul, max_grad_value,
@@ -144,9 +148,9 @@ void ademamix_cuda(TensorList params, TensorList grads, TensorList exp_avgs,
   constexpr const char* op = "fastopt::ademamix_";
   if (params.empty()) return;
   const UpdateLists l = check_update_lists(op, at::kCUDA, params, grads, master_params, exp_avgs);
-  check_list(op, "exp_avgs", exp_avgs, l.state, params);
-  check_list(op, "exp_avgs_slow", exp_avgs_slow, l.state, params);
-  check_list(op, "exp_avg_sqs", exp_avg_sqs, l.state, params);
+  check_moments(op, "exp_avgs", exp_avgs, l.state, params);
+  check_moments(op, "exp_avgs_slow", exp_avgs_slow, l.state, params);
+  check_moments(op, "exp_avg_sqs", exp_avg_sqs, l.state, params);
   check_steps(op, state_steps, params);
   check_warmups(op, t_alpha, t_beta3);
 

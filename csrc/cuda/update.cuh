@@ -18,6 +18,11 @@
 namespace fastopt {
 namespace cuda {
 
+// The storage marker of 8-bit moments (the kernels' S; csrc/cuda/q8.cuh).
+struct Q8 {
+  uint8_t bits;
+};
+
 // NOTE [128-bit access]: the narrowest list (the params P, or the moments S
 // when they are narrower: fp32 params with bf16 moments) fills one 16-byte
 // word per thread and iteration.
@@ -44,7 +49,7 @@ cudaError_t dispatch_master(const UpdateParams& p, F& f) {
   return f.template operator()<P, G, S, Master::kNone>();
 }
 
-// The moments' storage: float32, bf16 or the params' type.
+// The moments' storage: float32, bf16, the params' type or 8-bit.
 template <typename P, typename G, typename F>
 cudaError_t dispatch_state(const UpdateParams& p, F& f) {
   switch (p.state) {
@@ -52,6 +57,8 @@ cudaError_t dispatch_state(const UpdateParams& p, F& f) {
       return dispatch_master<P, G, float>(p, f);
     case Storage::kBFloat16:
       return dispatch_master<P, G, c10::BFloat16>(p, f);
+    case Storage::kQ8:  // NOTE [int8 moments on the GPU]
+      return dispatch_master<P, G, Q8>(p, f);
     default:
       return dispatch_master<P, G, P>(p, f);
   }
