@@ -20,7 +20,7 @@ from fastopt.triton_kernels.elementwise import GRAD_TRANSFORM_TYPES
 from fastopt.triton_kernels.lion import _lion_kernel
 from fastopt.triton_kernels.norm import _sumsq_kernel
 
-STORAGE_DTYPES = tuple(mt.TL_DTYPE.values())
+STORAGE_DTYPES = (tl.float32, tl.bfloat16, tl.float16)  # params, grads; moments add uint8
 LOW_PRECISION = (tl.bfloat16, tl.float16)
 
 # Pointer and tuple arguments, by the name every kernel gives them; scalar
@@ -63,10 +63,10 @@ def _grad_dtypes(p):
 def _master_and_moments(p):
     # (MASTER, S_DTYPE) pairs: masters (fp32) for 16-bit params, remainders for bf16;
     # the moments in the policy's dtype (fp32 with a master, else the param's) or
-    # state_dtype's fp32 / bf16.
+    # state_dtype's fp32 / bf16 / 8-bit (uint8, NOTE [int8 moments]).
     masters = (0, 1, 2) if p == tl.bfloat16 else (0, 1) if p in LOW_PRECISION else (0,)
     for master in masters:
-        for s in dict.fromkeys((tl.float32 if master else p, tl.float32, tl.bfloat16)):
+        for s in dict.fromkeys((tl.float32 if master else p, tl.float32, tl.bfloat16, tl.uint8)):
             yield master, s
 
 
@@ -84,7 +84,7 @@ def specialisations() -> Iterator[tuple[str, object, dict[str, object]]]:
                 for master, s in _master_and_moments(p):
                     common = {"P_DTYPE": p, "G_DTYPE": g, "S_DTYPE": s, "MASTER": master,
                               "ALIGNED": aligned}  # fmt: skip
-                    for amsgrad in (False, True):
+                    for amsgrad in (False, True) if s != tl.uint8 else (False,):
                         yield (
                             f"adamw p={p} g={g} master={master} s={s} amsgrad={amsgrad} aligned={aligned}",
                             _adamw_kernel,
