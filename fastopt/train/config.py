@@ -19,6 +19,8 @@ from fastopt.train.model import ModelConfig
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "lion", "ademamix", "torch-adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
+STATE_DTYPES = ("auto", "fp32", "bf16", "int8")
+MASTERS = ("fp32", "remainder", "none")
 
 
 class ConfigError(ValueError):
@@ -95,6 +97,18 @@ class TrainConfig:
     min_lr_ratio: float = _opt("final lr as a fraction of the peak", default=0.1)
     max_grad_norm: float | None = _opt(
         "global-norm clipping inside the optimizer (0 or less: off)", default=1.0
+    )
+    state_dtype: str = _opt(
+        "storage of the moments (fastopt optimizers): auto (fp32 for fp32 params and with "
+        "master weights), fp32, bf16 or int8 (8-bit blocks; SPEC §8)",
+        default="auto",
+        meta={"choices": STATE_DTYPES},
+    )
+    master_weights: str = _opt(
+        "with --precision bf16: fp32 masters, remainder (bf16 param + int16 remainder, the "
+        "same fp32 master in 4 fewer bytes) or none (the update runs on the bf16 params)",
+        default="fp32",
+        meta={"choices": MASTERS},
     )
     # batches
     batch_size: int = _opt("sequences per micro-batch", default=16)
@@ -201,6 +215,13 @@ class TrainConfig:
         if self.batch_ramp and self.accum_steps < 4:
             raise ConfigError(
                 "--batch-ramp works through the number of micro-batches: it needs --accum-steps >= 4"
+            )
+        if self.optimizer == "torch-adamw" and (
+            self.state_dtype != "auto" or self.master_weights != "fp32"
+        ):
+            raise ConfigError(
+                "--state-dtype and --master-weights are fastopt options; "
+                "--optimizer torch-adamw keeps torch's own state"
             )
         if self.restarts > 1 and self.restart_steps >= self.steps:
             raise ConfigError("--restart-steps must be smaller than --steps")

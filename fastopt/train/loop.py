@@ -74,9 +74,13 @@ def make_optimizer(
         {"params": no_decay, "weight_decay": 0.0},
     ]
     lr, betas = cfg.peak_lr(), (cfg.beta1, cfg.beta2)
+    masters = {"fp32": True, "remainder": "remainder", "none": False}
+    states = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8"}
     fused = {
         "max_grad_norm": cfg.max_grad_norm,
-        "master_weights": cfg.precision == "bf16",  # NOTE [precision policy]
+        # NOTE [precision policy]
+        "master_weights": masters[cfg.master_weights] if cfg.precision == "bf16" else False,
+        "state_dtype": states[cfg.state_dtype],
         "backend": cfg.backend,
     }
     warmup = cfg.ademamix_warmup or None  # 0: alpha and beta3 constant from the first step
