@@ -269,17 +269,19 @@ def convert_moment(value: Tensor, p: Tensor, key: str, dtype: torch.dtype) -> Te
     DTensor) in the storage ``dtype`` of this optimizer: copied when it already is,
     else decoded and/or coded (an 8-bit moment coded from its own decoded values
     gives back the same bytes: every block's top element decodes to its scale)."""
+    if dtype != Q8 and not is_q8(value):
+        # fp32/bf16 values into fp32/bf16 storage: a DTensor stays one
+        return value.to(device=p.device, dtype=dtype, copy=True)
     local = p._local_tensor if hasattr(p, "_local_tensor") else p
     if hasattr(value, "_local_tensor"):
-        value = value._local_tensor
+        value = value._local_tensor  # this shard's values (DCP loaded them resharded)
     value = value.to(device=local.device)
     if dtype == Q8:
         if is_q8(value):
             _q8_views(value, local.numel())  # checks the size
             return value.clone()
         return q8_encode(value.float().reshape(-1), is_signed(key))
-    values = moment_values(value, p, key) if is_q8(value) else value
-    return values.to(dtype=dtype, copy=True)
+    return moment_values(value, p, key).to(dtype=dtype, copy=True)
 
 
 # ---- NOTE [stale remainder] ---------------------------------------------------------

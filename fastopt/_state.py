@@ -15,8 +15,8 @@ pair holds that master exactly), a remainder becomes an fp32 master, and a
 checkpoint without either (torch's AdamW) gives a zero remainder or a master
 equal to the parameter. Moments are stored in the optimizer's state_dtype:
 an fp32 checkpoint loads into bf16 moments rounded to nearest even, or into
-8-bit moments coded on load (NOTE [int8 moments]); 8-bit moments load into
-fp32/bf16 ones decoded.
+8-bit moments coded on load (NOTE [int8 moments]); 8-bit moments are saved
+decoded (NOTE [8-bit moments in checkpoints]).
 """
 
 from __future__ import annotations
@@ -40,28 +40,37 @@ def _params(optimizer) -> list[Tensor]:
 def save(optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
     """torch's state dict, counters as ints (NOTE [counters in param groups]).
 
-    An 8-bit moment of a DTensor parameter is a plain tensor of its local
-    shard's codes and block scales, which DCP could not reshard: it is written
-    as a DTensor of its decoded fp32 values with the parameter's mesh and
-    placements instead (4 bytes per element in the checkpoint), and coded
-    again on load, to the same bytes (``_compressed.convert_moment``)."""
+    NOTE [8-bit moments in checkpoints]
+    An 8-bit moment (NOTE [int8 moments]) is written as its decoded fp32
+    values shaped like its parameter (a DTensor with the parameter's mesh and
+    placements for a DTensor parameter, whose live state is a plain tensor of
+    its shard's codes and block scales), and coded again on load. The codes and
+    scales themselves cannot be checkpointed in a form DCP reshards: a block's
+    scale belongs to 256 elements of one shard, and another sharding cuts
+    other blocks. Coding the decoded values gives back the same bytes (a
+    block's top element decodes to its scale exactly, every other element to
+    within a small fraction of a code of its code), so a save and a load on
+    the same blocks is bit for bit; a block holding a NaN or an infinity
+    decodes to NaN and stays NaN. The cost is a checkpoint of 4 bytes per
+    element per moment, as with fp32 moments."""
     skipped = optimizer.skipped_steps
     for group in state_dict["param_groups"]:
         group["attempted_steps"] = optimizer._attempted_steps
         group["skipped_steps"] = skipped
     for pid, p in enumerate(_params(optimizer)):
         st = state_dict["state"].get(pid)
-        if not st or not _distributed.is_dtensor(p):
+        if not st or not any(isinstance(v, Tensor) and _compressed.is_q8(v) for v in st.values()):
             continue
-        if any(isinstance(v, Tensor) and _compressed.is_q8(v) for v in st.values()):
-            st = state_dict["state"][pid] = dict(st)  # torch's dict is the live state
-            for k, v in st.items():
-                if isinstance(v, Tensor) and _compressed.is_q8(v):
-                    values = _compressed.moment_values(v, p, k)
-                    st[k] = _distributed.DTensor.from_local(
+        st = state_dict["state"][pid] = dict(st)  # torch's dict is the live state
+        for k, v in st.items():
+            if isinstance(v, Tensor) and _compressed.is_q8(v):
+                values = _compressed.moment_values(v, p, k)
+                if _distributed.is_dtensor(p):
+                    values = _distributed.DTensor.from_local(
                         values, p.device_mesh, p.placements, run_check=False,
                         shape=p.shape, stride=p.stride(),
                     )  # fmt: skip
+                st[k] = values
     return state_dict
 
 

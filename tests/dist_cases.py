@@ -64,7 +64,20 @@ class TPNet(nn.Module):
         return self.head(self.norm(self.fc2(torch.relu(self.fc1(x)))))
 
 
-MODELS = {"mlp": MLP, "tp": TPNet}
+class Wide(nn.Module):
+    """fc1 is big enough for 8-bit moments (4480 >= Q8_MIN_NUMEL elements), and its
+    FSDP2 shards do not end on 256-element blocks (2240 elements on 2 ranks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(D_IN, 640)
+        self.head = nn.Linear(640, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc1(x)))
+
+
+MODELS = {"mlp": MLP, "tp": TPNet, "wide": Wide}
 
 
 def build_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
@@ -536,6 +549,77 @@ def dcp_resume(
     )  # fmt: skip
     res = _summary(opt, out, net)
     res.update(loaded=loaded, state_dict_check=_check_state_dict(net, opt))
+    return res
+
+
+# ---- 8-bit moments through DCP (NOTE [int8 moments]; fastopt/_state.py) -------------------
+
+INT8_OPT = dict(lr=1e-2, state_dtype="int8", max_grad_norm=1.0)
+
+
+def _int8_setup(seed: int):
+    if dist.is_initialized():
+        net, dp_index, dp_size = shard_model("wide", seed=seed)
+    else:
+        net, dp_index, dp_size = build_model("wide", seed=seed), 0, 1
+    return net, make_optimizer("AdamW", net.parameters(), **INT8_OPT), dp_index, dp_size
+
+
+def _int8_report(net, opt) -> dict[str, Any]:
+    """Full params, the moments as state_dict() writes them (decoded fp32, gathered),
+    and what the live state of each parameter is (collectives: every rank calls)."""
+    sd = opt.state_dict()
+    params, moments, live = {}, {}, {}
+    for i, (n, p) in enumerate(net.named_parameters()):
+        params[n] = full(p.detach()).clone()
+        moments[n] = {k: full(v).clone() for k, v in sorted(sd["state"][i].items())
+                      if k != "step" and isinstance(v, torch.Tensor)}  # fmt: skip
+        live[n] = str(opt.state[p]["exp_avg"].dtype)
+    return dict(params=params, moments=moments, live=live)
+
+
+def int8_dcp_train(*, path: str, save_at: int, steps: int) -> dict[str, Any]:
+    """FSDP2 + 8-bit moments, saved through DCP after ``save_at`` steps, then on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    net, opt, dp_index, dp_size = _int8_setup(0)
+    kw = dict(dp_index=dp_index, dp_size=dp_size, dtype=torch.float32)
+    _loop(net, opt, range(save_at), **kw)
+    dcp.save({"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)},
+             checkpoint_id=path)  # fmt: skip
+    at_save = _int8_report(net, opt)
+    _loop(net, opt, range(save_at, steps), **kw)
+    res = _int8_report(net, opt)
+    res.update(at_save=at_save, state_dict_check=_check_state_dict(net, opt),
+               rank=dist.get_rank())  # fmt: skip
+    return res
+
+
+def int8_dcp_resume(*, path: str, start: int, steps: int) -> dict[str, Any]:
+    """A fresh FSDP2 (or plain) model + 8-bit optimizer loaded from ``path`` through
+    DCP (the moments coded again from their saved values, on this run's shards),
+    then steps ``start .. steps-1``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    net, opt, dp_index, dp_size = _int8_setup(123)
+    sd = {"model": get_model_state_dict(net), "optim": get_optimizer_state_dict(net, opt)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(net, sd["model"])
+    set_optimizer_state_dict(net, opt, sd["optim"])
+    loaded = _int8_report(net, opt)
+    _loop(net, opt, range(start, steps), dp_index=dp_index, dp_size=dp_size, dtype=torch.float32)
+    res = _int8_report(net, opt)
+    res.update(loaded=loaded, rank=dist.get_rank() if dist.is_initialized() else 0)
     return res
 
 

@@ -334,6 +334,56 @@ def test_dcp_resume(pool, dcp_checkpoint, uninterrupted):
     assert r0["state_dict_check"]["mismatches"] == []
 
 
+@pytest.fixture(scope="module")
+def int8_checkpoint(pools, tmp_path_factory):
+    """2 ranks, FSDP2, 8-bit moments: a DCP checkpoint after 4 steps, and the run to 8."""
+    path = str(tmp_path_factory.mktemp("dcp_int8") / "step4")
+    return path, pools.get(2).run("int8_dcp_train", path=path, save_at=4, steps=8)
+
+
+def _assert_moments_within_a_code(got: dict, want: dict) -> None:
+    """Moments coded on other block boundaries: each within one code step of its
+    block (a code step is at most 2/127 of the block's scale for m, 4/255 for v)."""
+    for name, states in want.items():
+        for key, w in states.items():
+            scale = w.abs().max()
+            torch.testing.assert_close(got[name][key], w, rtol=0, atol=float(scale) * 0.04)
+
+
+def test_int8_moments_reshard_through_dcp(pool, int8_checkpoint):
+    """8-bit moments of DTensor shards are written as fp32 DTensors with the
+    parameter's placements and coded again on load. Back on 2 ranks (the same
+    blocks) the run continues bit for bit as the uninterrupted one; on 4 ranks
+    (shards of 1120 elements: blocks cut elsewhere) the loaded moments are
+    within a code step of the saved ones and the run stays close."""
+    path, saved = int8_checkpoint
+    s0 = saved[0]
+    assert s0["live"]["fc1.weight"] == "torch.uint8"  # 8-bit in the step
+    assert s0["live"]["head.weight"] == "torch.float32"  # 640 elements: fp32
+    assert s0["state_dict_check"]["mismatches"] == []  # DTensors in state_dict()
+    results = pool.run("int8_dcp_resume", path=path, start=4, steps=8)
+    r0 = results[0]
+    if pool.world == 2:
+        for name in s0["params"]:
+            assert torch.equal(r0["loaded"]["params"][name], s0["at_save"]["params"][name])
+            for key, t in s0["at_save"]["moments"][name].items():
+                assert torch.equal(r0["loaded"]["moments"][name][key], t), (name, key)
+            assert torch.equal(r0["params"][name], s0["params"][name]), name
+    else:
+        _assert_moments_within_a_code(r0["loaded"]["moments"], s0["at_save"]["moments"])
+        assert_params_close(r0["params"], s0["params"], rtol=2e-2, atol=2e-3)
+
+
+def test_int8_moments_resume_in_one_process(int8_checkpoint):
+    """The 2-rank 8-bit checkpoint loaded into a plain model: DCP reshards the
+    decoded moments into whole tensors, coded again over the whole tensor."""
+    path, saved = int8_checkpoint
+    res = C.int8_dcp_resume(path=path, start=4, steps=8)
+    assert res["live"]["fc1.weight"] == "torch.uint8"
+    _assert_moments_within_a_code(res["loaded"]["moments"], saved[0]["at_save"]["moments"])
+    assert_params_close(res["params"], saved[0]["params"], rtol=2e-2, atol=2e-3)
+
+
 def test_zero_consolidate_resume_and_schedule(pool, tmp_path):
     """ZeRO with fastopt.schedules.warmup_decay on the wrapper: the lr follows the
     applied steps (a skipped step does not advance it); after consolidate_state_dict

@@ -334,6 +334,11 @@ def _through_bytes(obj):
 @pytest.mark.parametrize("opt_cls", [fastopt.AdamW, fastopt.Lion, fastopt.AdEMAMix])
 def test_state_dict_round_trips_bit_for_bit(opt_cls):
     ps, opt = _trained(opt_cls)
+    sd = opt.state_dict()  # NOTE [8-bit moments in checkpoints]: decoded, shaped like p
+    for i, p in enumerate(ps):
+        assert sd["state"][i]["exp_avg"].dtype == torch.float32
+        assert sd["state"][i]["exp_avg"].shape == p.shape
+    assert opt.state[ps[2]]["exp_avg"].dtype == torch.uint8  # the live state stays 8-bit
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     opt2 = opt_cls(qs, lr=1e-2, master_weights="remainder", state_dtype="int8")
     opt2.load_state_dict(_through_bytes(opt.state_dict()))

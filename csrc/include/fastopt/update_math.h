@@ -136,7 +136,7 @@ FASTOPT_HD int64_t q8_blocks(int64_t n) { return (n + kQ8Block - 1) / kQ8Block; 
 // Bytes of the uint8 state of an n-element moment: codes, then the fp32 scales.
 FASTOPT_HD int64_t q8_bytes(int64_t n) { return q8_blocks(n) * (kQ8Block + 4); }
 
-// The fp32 reciprocal-free code of |x| / s in [0, 1] (0 when s is 0 or not finite).
+// |x| / s clamped to [0, 1] (0 when s is 0 or not finite).
 FASTOPT_HD float q8_ratio(float a, float s) {
   const bool usable = s > 0.0f && s <= 3.402823466e38f;
   const float r = usable ? a / s : 0.0f;
