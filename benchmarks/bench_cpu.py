@@ -240,7 +240,9 @@ def torch_adamw(impl: str, *, clip: bool = False) -> Factory:
     return build
 
 
-def fastopt_adamw(*, clip: bool = False, master_weights: bool = False) -> Factory:
+def fastopt_adamw(
+    *, clip: bool = False, master_weights: bool | str = False, state_dtype=None
+) -> Factory:
     def build(data: Data) -> harness.Contender:
         AdamW = _fastopt("AdamW")
         params = fresh_params(data)
@@ -249,6 +251,7 @@ def fastopt_adamw(*, clip: bool = False, master_weights: bool = False) -> Factor
             **ADAMW_HP,
             max_grad_norm=MAX_GRAD_NORM if clip else None,
             master_weights=master_weights,
+            state_dtype=state_dtype,
             backend="cpu",
         )
         return harness.Contender("", opt.step, keep=[params, opt])
@@ -294,6 +297,20 @@ def scaled(scaler_kind: str, optimizer_kind: str) -> Factory:
         return harness.Contender("", step, prepare=prepare, keep=[params, opt, scaler, source])
 
     return build
+
+
+def bitsandbytes_adamw8bit(data: Data) -> harness.Contender:
+    """bitsandbytes' 8-bit AdamW (dynamic code, block 256), which runs on CPU tensors
+    from bitsandbytes 0.45 on (``pip install bitsandbytes``)."""
+    try:
+        from bitsandbytes.optim import AdamW8bit
+    except Exception as exc:
+        raise harness.Unavailable(
+            f"bitsandbytes not importable: {type(exc).__name__}: {exc}"
+        ) from None
+    params = fresh_params(data)
+    opt = _optional_build("bitsandbytes AdamW8bit", lambda: AdamW8bit(params, **ADAMW_HP))
+    return harness.Contender("", opt.step, keep=[params, opt])
 
 
 def torch_master_recipe(*, clip: bool = False) -> Factory:
@@ -572,6 +589,40 @@ WORKLOADS: tuple[Workload, ...] = (
             ("torch foreach AdEMAMix", foreach_ademamix),
             ("bitsandbytes AdEMAMix", bitsandbytes_ademamix),
             ("fastopt AdEMAMix cpu", fastopt_ademamix),
+        ),
+    ),
+)
+WORKLOADS += (
+    Workload(
+        "j",
+        "(a) per moment storage (state_dtype; GB/s at the fp32 floor of 28 B/param)",
+        "big",
+        torch.float32,
+        harness.min_bytes_per_param("adamw"),
+        "torch AdamW fused",
+        (
+            ("torch AdamW fused", torch_adamw("fused")),
+            (FASTOPT, fastopt_adamw()),
+            ("fastopt cpu bf16 moments", fastopt_adamw(state_dtype=BF16)),
+            ("fastopt cpu int8 moments", fastopt_adamw(state_dtype="int8")),
+            ("bitsandbytes AdamW8bit", bitsandbytes_adamw8bit),
+        ),
+    ),
+    Workload(
+        "k",
+        "(f) per master mode: bf16 params, fp32 master vs remainder (+ 8-bit moments)",
+        "big",
+        BF16,
+        harness.min_bytes_per_param("adamw", param_dtype=BF16, master_weights=True),
+        "torch recipe (copy, fused, copy back)",
+        (
+            ("torch recipe (copy, fused, copy back)", torch_master_recipe()),
+            ("fastopt cpu master_weights", fastopt_adamw(master_weights=True)),
+            ("fastopt cpu remainder", fastopt_adamw(master_weights="remainder")),
+            ("fastopt cpu remainder + bf16 moments",
+             fastopt_adamw(master_weights="remainder", state_dtype=BF16)),
+            ("fastopt cpu remainder + int8 moments",
+             fastopt_adamw(master_weights="remainder", state_dtype="int8")),
         ),
     ),
 )
