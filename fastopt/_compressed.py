@@ -209,13 +209,38 @@ def q8_decode(buf: Tensor, n: int, signed: bool) -> Tensor:
     """The n fp32 values an 8-bit moment holds (flat)."""
     codes, scales = _q8_views(buf, n)
     if signed:
-        t = codes.view(torch.int8).float() / 127.0
+        t = codes.view(torch.int8).float() * Q8_INV_SIGNED
         out = (t * t.abs()) * scales
     else:
-        t = codes.float() / 255.0
+        t = codes.float() * Q8_INV_UNSIGNED
         t2 = t * t
         out = (t2 * t2) * scales
     return out.reshape(-1)[:n]
+
+
+# fp32(1/127) and fp32(1/255) (update_math.h's kQ8Inv*): decoding multiplies by them
+Q8_INV_SIGNED = float.fromhex("0x1.020408p-7")
+Q8_INV_UNSIGNED = float.fromhex("0x1.010102p-8")
+_TINY = float.fromhex("0x1p-126")
+_FMAX = torch.finfo(torch.float32).max
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    """The correctly rounded fp32 square root (sqrtf's, the kernels'): through fp64,
+    which rounds right for a square root. torch's fp32 sqrt on the CPU can be an ulp
+    off (sqrt(0x1.03fdeap-1) gives 0x1.6cd9b4p-1; the nearest float is ...b6p-1),
+    which moves a code across a rounding edge."""
+    return x.double().sqrt().float()
+
+
+def q8_ratio(a: Tensor, s: Tensor) -> Tensor:
+    """|x| / s as update_math.h's q8_ratio computes it: |x| * e * (1 / (s * e)), e = 2^64
+    for a subnormal s, clamped to [0, 1]; 0 in a block whose s is 0 or not finite."""
+    e = torch.where(s < _TINY, 2.0**64, 1.0)
+    usable = (s > 0) & (s <= _FMAX)
+    inv = torch.where(usable, 1.0 / torch.where(usable, s * e, 1.0), 0.0)
+    r = (a * e) * inv
+    return torch.where(r < 1.0, r, torch.where(r >= 1.0, 1.0, 0.0))
 
 
 def q8_encode_into(buf: Tensor, x: Tensor, signed: bool) -> None:
@@ -225,16 +250,14 @@ def q8_encode_into(buf: Tensor, x: Tensor, signed: bool) -> None:
     flat = x.detach().reshape(-1).float()
     a = torch.nn.functional.pad(flat, (0, codes.numel() - n)).view_as(codes).abs()
     s = a.amax(dim=1, keepdim=True)  # NaN-propagating
-    usable = (s > 0) & (s <= torch.finfo(torch.float32).max)
-    r = torch.where(usable, a / torch.where(usable, s, 1.0), 0.0)
-    r = torch.where(r < 1.0, r, 1.0)
+    r = q8_ratio(a, s)
     if signed:
-        q = torch.round(r.sqrt() * 127.0).to(torch.int16)
+        q = torch.round(_sqrt(r) * 127.0).to(torch.int16)
         neg = torch.nn.functional.pad(flat < 0, (0, codes.numel() - n)).view_as(codes)
         q = torch.where(neg, -q, q)
         codes.copy_(q.to(torch.int8).view(Q8))
     else:
-        q = torch.round(r.sqrt().sqrt() * 255.0).to(torch.int16)
+        q = torch.round(_sqrt(_sqrt(r)) * 255.0).to(torch.int16)
         q = torch.where((q == 0) & (a > 0), 1, q)
         codes.copy_(q.to(Q8))
     scales.copy_(s)

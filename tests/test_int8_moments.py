@@ -46,9 +46,13 @@ def np_encode(x: np.ndarray, signed: bool) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         s = np.where(np.isnan(a).any(axis=1), np.float32(np.nan), np.nanmax(a, axis=1))
         s = s.astype(np.float32)[:, None]
+        # |x| * e * (1 / (s * e)), e = 2^64 for a subnormal s (update_math.h's q8_ratio)
+        e = np.where(s < np.float32(2.0**-126), np.float32(2.0**64), np.float32(1))
         usable = (s > 0) & np.isfinite(s)
-        r = np.where(usable, a / np.where(usable, s, np.float32(1)), np.float32(0))
-        r = np.minimum(r, np.float32(1)).astype(np.float32)
+        inv = np.where(usable, np.float32(1) / np.where(usable, s * e, np.float32(1)),
+                       np.float32(0)).astype(np.float32)  # fmt: skip
+        r = ((a * e).astype(np.float32) * inv).astype(np.float32)
+        r = np.where(r < 1, r, np.where(r >= 1, np.float32(1), np.float32(0))).astype(np.float32)
         if signed:
             q = np.rint(np.sqrt(r) * np.float32(127)).astype(np.int16)
             q = np.where(xb < 0, -q, q).astype(np.int8).view(np.uint8)
@@ -64,10 +68,10 @@ def np_decode(buf: np.ndarray, n: int, signed: bool) -> np.ndarray:
     s = buf[blocks * BLOCK :].view(np.float32)[:, None]
     with np.errstate(invalid="ignore", over="ignore"):
         if signed:
-            t = codes.view(np.int8).astype(np.float32) / np.float32(127)
+            t = codes.view(np.int8).astype(np.float32) * (np.float32(1) / np.float32(127))
             out = (t * np.abs(t)) * s
         else:
-            t = codes.astype(np.float32) / np.float32(255)
+            t = codes.astype(np.float32) * (np.float32(1) / np.float32(255))
             out = (t * t) * (t * t) * s
     return out.astype(np.float32).reshape(-1)[:n]
 

@@ -216,18 +216,27 @@ def _rint(x):
 
 @device_fn
 def _q8_ratio(a, s):
+    """update_math.h's q8_inverse and q8_ratio: |x| * e * (1 / (s * e)), e = 2^64 for
+    a subnormal s, clamped to [0, 1]; 0 where s is 0 or not finite."""
+    e = tl.where(s < 1.1754943508222875e-38, 1.8446744073709552e19, 1.0)
     usable = (s > 0.0) & (s <= 3.4028234663852886e38)
-    r = tl.where(usable, tl.div_rn(a, tl.where(usable, s, 1.0)), 0.0)
-    return tl.where(r < 1.0, r, 1.0)
+    inv = tl.where(usable, tl.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(usable, s * e, 1.0)), 0.0)
+    r = (a * e) * inv
+    return tl.where(r < 1.0, r, tl.where(r >= 1.0, 1.0, 0.0))
+
+
+# fp32(1/127), fp32(1/255): update_math.h's kQ8InvSigned, kQ8InvUnsigned
+Q8_INV_SIGNED = tl.constexpr(0.007874015718698502)
+Q8_INV_UNSIGNED = tl.constexpr(0.003921568859368563)
 
 
 @device_fn
 def _q8_decode(q, s, SIGNED: tl.constexpr):
     if SIGNED:
-        t = tl.div_rn(q.to(tl.int8, bitcast=True).to(tl.float32), tl.full(q.shape, 127.0, tl.float32))
+        t = q.to(tl.int8, bitcast=True).to(tl.float32) * Q8_INV_SIGNED
         x = (t * tl.abs(t)) * s
     else:
-        t = tl.div_rn(q.to(tl.float32), tl.full(q.shape, 255.0, tl.float32))
+        t = q.to(tl.float32) * Q8_INV_UNSIGNED
         t2 = t * t
         x = (t2 * t2) * s
     return x

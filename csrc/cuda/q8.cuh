@@ -93,9 +93,12 @@ __device__ __forceinline__ void q8_store_lane(const Q8Chunk& q, int blk, int off
     nan |= __shfl_xor_sync(0xFFFFFFFFu, nan, o);
   }
   const float s = nan ? __int_as_float(0x7FC00000) : amax;
+  const Q8Inverse inv = q8_inverse(s);
   uint8_t c[kQ8Lane];
 #pragma unroll
-  for (int j = 0; j < kQ8Lane; ++j) c[j] = SIGNED ? q8_encode_signed(x[j], s) : q8_encode_unsigned(x[j], s);
+  for (int j = 0; j < kQ8Lane; ++j) {
+    c[j] = SIGNED ? q8_encode_signed(x[j], inv) : q8_encode_unsigned(x[j], inv);
+  }
   if (count == kQ8Lane) {
     uint2 raw;
     memcpy(&raw, c, sizeof(raw));

@@ -119,7 +119,10 @@ FASTOPT_HD uint16_t split_remainder(uint32_t master_bits) {
 // sqrt(|x| / s)) * sign(x), the second moment v >= 0 as the unsigned byte
 // q = rint(255 * (v / s)^(1/4)), and never 0 for a v > 0 (so a tiny v cannot
 // decode to 0 and divide a non-zero m by eps alone). Decoding is
-// s * sign(q) * (q/127)^2 and s * (q/255)^4. The block's largest element
+// s * sign(q) * (q/127)^2 and s * (q/255)^4, with the divisions written as
+// products by fp32 reciprocals, and coding divides by s as a product by 1/s
+// (q8_inverse): the formulas below are the definition every backend follows.
+// The block's largest element
 // codes to the top code and decodes to s exactly, so a block whose elements
 // all decay decays exactly; the scale is fp32 because a rounded (bf16) scale
 // makes that element drift by the scale's rounding every store, which
@@ -136,38 +139,54 @@ FASTOPT_HD int64_t q8_blocks(int64_t n) { return (n + kQ8Block - 1) / kQ8Block; 
 // Bytes of the uint8 state of an n-element moment: codes, then the fp32 scales.
 FASTOPT_HD int64_t q8_bytes(int64_t n) { return q8_blocks(n) * (kQ8Block + 4); }
 
-// |x| / s clamped to [0, 1] (0 when s is 0 or not finite).
-FASTOPT_HD float q8_ratio(float a, float s) {
-  const bool usable = s > 0.0f && s <= 3.402823466e38f;
-  const float r = usable ? a / s : 0.0f;
-  return r < 1.0f ? r : 1.0f;  // a NaN a gives 1 here, but then s is NaN and unusable
+// What coding a block needs of its scale s, computed once per block: codes
+// use |x| * (1/s), not |x| / s (one division per block instead of two per
+// element, which bounded the CPU kernel). For a subnormal s both factors are
+// first scaled by 2^64 (exactly) so 1/s cannot overflow. inv = 0 when s is 0
+// or not finite: every code of such a block is then 0 (but v's rule below).
+struct Q8Inverse {
+  float e;    // 2^64 for a subnormal (or zero) s, else 1
+  float inv;  // 1 / (s * e), or 0
+};
+
+FASTOPT_HD Q8Inverse q8_inverse(float s) {
+  Q8Inverse k;
+  k.e = s < 0x1p-126f ? 0x1p64f : 1.0f;
+  k.inv = (s > 0.0f && s <= 0x1.fffffep127f) ? 1.0f / (s * k.e) : 0.0f;
+  return k;
 }
 
-FASTOPT_HD uint8_t q8_encode_signed(float x, float s) {
-  const float q = ::rintf(::sqrtf(q8_ratio(::fabsf(x), s)) * 127.0f);
+// |x| / s as |x| * e * inv, clamped to [0, 1] (the top element may land an ulp
+// above 1); NaN (a non-finite element of an unusable block) gives 0.
+FASTOPT_HD float q8_ratio(float a, const Q8Inverse& k) {
+  const float r = (a * k.e) * k.inv;
+  return r < 1.0f ? r : (r >= 1.0f ? 1.0f : 0.0f);
+}
+
+// Decoding multiplies by the fp32 reciprocals of 127 and 255, for which
+// 127 * (1/127) and 255 * (1/255) are exactly 1: the top code decodes to s.
+constexpr float kQ8InvSigned = 0x1.020408p-7f;    // fp32(1/127)
+constexpr float kQ8InvUnsigned = 0x1.010102p-8f;  // fp32(1/255)
+
+FASTOPT_HD uint8_t q8_encode_signed(float x, const Q8Inverse& k) {
+  const float q = ::rintf(::sqrtf(q8_ratio(::fabsf(x), k)) * 127.0f);
   const int code = static_cast<int>(q);
   return static_cast<uint8_t>(x < 0.0f ? -code : code);
 }
 FASTOPT_HD float q8_decode_signed(uint8_t bits, float s) {
-  const float t = static_cast<float>(static_cast<int8_t>(bits)) / 127.0f;
+  const float t = static_cast<float>(static_cast<int8_t>(bits)) * kQ8InvSigned;
   return (t * ::fabsf(t)) * s;
 }
 
-FASTOPT_HD uint8_t q8_encode_unsigned(float v, float s) {
-  const float q = ::rintf(::sqrtf(::sqrtf(q8_ratio(v, s))) * 255.0f);
+FASTOPT_HD uint8_t q8_encode_unsigned(float v, const Q8Inverse& k) {
+  const float q = ::rintf(::sqrtf(::sqrtf(q8_ratio(v, k))) * 255.0f);
   const int code = static_cast<int>(q);
   return static_cast<uint8_t>(code == 0 && v > 0.0f ? 1 : code);
 }
 FASTOPT_HD float q8_decode_unsigned(uint8_t bits, float s) {
-  const float t = static_cast<float>(bits) / 255.0f;
+  const float t = static_cast<float>(bits) * kQ8InvUnsigned;
   const float t2 = t * t;
   return (t2 * t2) * s;
-}
-
-// The running block scale: the largest |x|, NaN as soon as one element is NaN.
-FASTOPT_HD float q8_absmax(float acc, float x) {
-  const float a = ::fabsf(x);
-  return (a > acc || a != a) ? a : acc;
 }
 
 // torch.lerp(a, b, w) (NOTE [one formula per quantity]).
