@@ -12,7 +12,9 @@ moment written. docs/compressed_state.md has the table.
 
 ``--rss`` also measures each mode's peak resident memory: a fresh process per
 mode with 64M parameters in 64 tensors, two steps, ``ru_maxrss`` after minus
-the resident size before the model was made.
+the resident size before the model was made (parameters, gradients, state and
+whatever a step allocates), with glibc's mmap threshold fixed low so freed
+temporaries do not stay in the high-water mark.
 
     python -m benchmarks.bytes_per_param [--rss]
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -56,10 +59,10 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def build(cls, p_dtype, g_dtype, master, state_dtype, shapes):
-    params = [torch.nn.Parameter(torch.randn(s).to(p_dtype)) for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=p_dtype)) for s in shapes]
     opt = cls(params, master_weights=master, state_dtype=state_dtype, backend="cpu")
     for p in params:
-        p.grad = torch.randn(p.shape).to(g_dtype)
+        p.grad = torch.randn(p.shape, dtype=g_dtype)
     opt.step()
     return params, opt
 
@@ -101,8 +104,12 @@ def measure_rss(name: str) -> dict:
         "import json, sys; from benchmarks import bytes_per_param as b; "
         "print('@@' + json.dumps(b._rss_child(sys.argv[1])))"
     )
+    # a fixed small mmap threshold: freed temporaries leave the high-water mark
+    # honest (NOTE [malloc and peak RSS] in benchmarks/harness.py)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(64 * 1024),
+               MALLOC_TRIM_THRESHOLD_=str(64 * 1024))  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True,
-                         check=True).stdout  # fmt: skip
+                         check=True, env=env).stdout  # fmt: skip
     return json.loads(next(ln for ln in out.splitlines() if ln.startswith("@@"))[2:])
 
 
