@@ -213,12 +213,13 @@ def _grads(step, dtype):
 
 
 def _sync(src, dst, ps_src, ps_dst):
-    """Make dst's params and states the same bits as src's."""
+    """Make dst's params and states the same bits as src's (across devices too)."""
     with torch.no_grad():
         for a, b in zip(ps_src, ps_dst):
             b.copy_(a)
             for key, t in src.state[a].items():
-                dst.state[b][key].copy_(t)
+                if key != "step":
+                    dst.state[b][key].copy_(t)
                 if key == _compressed.REMAINDER_KEY:  # our own write: trust it
                     _compressed.forget(dst.state[b][key])
 
@@ -252,10 +253,16 @@ def test_lock_step_against_the_reference(backend, name, mode):
     sides from the kernel side's bits, and after it the moments agree (above) and
     the weights to the ulp budget of one fp32 step (2e-6 relative, 1e-7 absolute:
     the reference's addcdiv and the kernels' may round the quotient differently)."""
+    _lock_step(backend, name, mode, torch.device("cpu"))
+
+
+def _lock_step(backend, name, mode, device):
     dtype, master = MODES[mode]
     sides = []
     for b in (backend, "reference"):
         ps = _params(dtype)
+        if b != "reference":
+            ps = [torch.nn.Parameter(p.detach().to(device)) for p in ps]
         opt = OPTIMIZERS[name](ps, backend=b, master_weights=master, state_dtype="int8",
                                max_grad_norm=20.0, max_grad_value=2.5)  # fmt: skip
         sides.append((ps, opt))
@@ -263,7 +270,7 @@ def test_lock_step_against_the_reference(backend, name, mode):
     for step in range(STEPS):
         for ps in (pk, pr):
             for p, g in zip(ps, _grads(step, dtype)):
-                p.grad = g.clone()
+                p.grad = g.to(p.device)
         if step:
             _sync(ok, orf, pk, pr)
         ok.step()
@@ -272,11 +279,47 @@ def test_lock_step_against_the_reference(backend, name, mode):
             for key, t in ok.state[a].items():
                 if key.startswith("exp_avg"):
                     assert t.dtype == (torch.uint8 if n >= 4096 else torch.float32)
-                    _assert_moments_close(t, orf.state[b][key], n, key)
-            wa = _weights(ok, a)
+                    _assert_moments_close(t.cpu(), orf.state[b][key], n, key)
+            wa = _weights(ok, a).cpu()
             wb = _weights(orf, b)
             torch.testing.assert_close(wa, wb, rtol=2e-6, atol=1e-7)
     assert ok.skipped_steps == orf.skipped_steps == 1
+
+
+def _gpu_backends():
+    if not torch.cuda.is_available():
+        return ["cuda"]  # (skipped below)
+    return [b for b in ("cuda", "triton") if b in fastopt.available_backends()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_gpu_kernels_code_bit_for_bit(backend):
+    """The CUDA and compiled Triton kernels write the numpy code byte for byte
+    (70001 elements: two CUDA chunks, several Triton programs)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x = patterns()
+    rest = np.random.default_rng(1).standard_normal(70001 - x.size).astype(np.float32)
+    g = torch.from_numpy(np.concatenate([x, rest]))
+    p = torch.zeros_like(g).cuda()
+    m, v = (_compressed.q8_zeros(g.numel(), "cuda") for _ in range(2))
+    F.adamw([p], [g.cuda()], [m], [v], [], [], [torch.tensor(1.0, device="cuda")], lr=0.0,
+            beta1=0.0, beta2=0.0, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
+            backend=backend)  # fmt: skip
+    assert np.array_equal(m.cpu().numpy(), np_encode(torch.zeros_like(g).lerp(g, 1.0).numpy(), True))
+    assert np.array_equal(v.cpu().numpy(), np_encode((g * g).numpy(), False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_gpu_lock_step_against_the_reference(backend, name, mode):
+    """test_lock_step_against_the_reference with the kernel side on the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    _lock_step(backend, name, mode, torch.device("cuda"))
 
 
 def _weights(opt, p):

@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastopt.triton_kernels.elementwise import GradTransform, q8_scales_ptr
 from fastopt._compressed import q8_bytes
+from fastopt.triton_kernels.elementwise import GradTransform, q8_scales_ptr
 from fastopt.triton_kernels.interpreter import device_fn, interpreting
 
 # Elements per program. 8192 fp32 AdamW elements move ~224 KB per program:

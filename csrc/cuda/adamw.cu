@@ -54,28 +54,28 @@ __global__ void __launch_bounds__(kBlockThreads)
     };
     for_each_q8_block(b.chunk.len, body);
   } else {
-  S* m = chunk_ptr<S>(table, 2, b.chunk);
-  S* v = chunk_ptr<S>(table, 3, b.chunk);
-  S* vmax = AMSGRAD ? chunk_ptr<S>(table, L::kVmax, b.chunk) : nullptr;
+    S* m = chunk_ptr<S>(table, 2, b.chunk);
+    S* v = chunk_ptr<S>(table, 3, b.chunk);
+    S* vmax = AMSGRAD ? chunk_ptr<S>(table, L::kVmax, b.chunk) : nullptr;
 
-  auto body = [&]<int N, bool VECTOR>(int off) {
-    float w[N], gr[N], mo[N], ve[N], vm[N];
-    load_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
-    load_n<N, VECTOR>(g + off, gr);
-    load_n<N, VECTOR>(m + off, mo);
-    load_n<N, VECTOR>(v + off, ve);
-    if constexpr (AMSGRAD) load_n<N, VECTOR>(vmax + off, vm);
+    auto body = [&]<int N, bool VECTOR>(int off) {
+      float w[N], gr[N], mo[N], ve[N], vm[N];
+      load_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
+      load_n<N, VECTOR>(g + off, gr);
+      load_n<N, VECTOR>(m + off, mo);
+      load_n<N, VECTOR>(v + off, ve);
+      if constexpr (AMSGRAD) load_n<N, VECTOR>(vmax + off, vm);
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      adamw_element<AMSGRAD>(w[j], transform_grad(gr[j], b.transform), mo[j], ve[j], vm[j],
-                             b.coeffs);
-    }
-    store_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
-    store_n<N, VECTOR>(m + off, mo);
-    store_n<N, VECTOR>(v + off, ve);
-    if constexpr (AMSGRAD) store_n<N, VECTOR>(vmax + off, vm);
-  };
-  for_each_in_chunk<kVecElems<P, S>>(b.chunk.len, all_aligned16(p, g, m, v, vmax, master), body);
+      for (int j = 0; j < N; ++j) {
+        adamw_element<AMSGRAD>(w[j], transform_grad(gr[j], b.transform), mo[j], ve[j], vm[j],
+                               b.coeffs);
+      }
+      store_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
+      store_n<N, VECTOR>(m + off, mo);
+      store_n<N, VECTOR>(v + off, ve);
+      if constexpr (AMSGRAD) store_n<N, VECTOR>(vmax + off, vm);
+    };
+    for_each_in_chunk<kVecElems<P, S>>(b.chunk.len, all_aligned16(p, g, m, v, vmax, master), body);
   }
 }
 

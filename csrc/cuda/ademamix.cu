@@ -54,28 +54,28 @@ __global__ void __launch_bounds__(kBlockThreads)
     };
     for_each_q8_block(b.chunk.len, body);
   } else {
-  S* m1 = chunk_ptr<S>(table, 2, b.chunk);
-  S* m2 = chunk_ptr<S>(table, 3, b.chunk);
-  S* v = chunk_ptr<S>(table, 4, b.chunk);
+    S* m1 = chunk_ptr<S>(table, 2, b.chunk);
+    S* m2 = chunk_ptr<S>(table, 3, b.chunk);
+    S* v = chunk_ptr<S>(table, 4, b.chunk);
 
-  auto body = [&]<int N, bool VECTOR>(int off) {
-    float w[N], gr[N], fast[N], slow[N], ve[N];
-    load_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
-    load_n<N, VECTOR>(g + off, gr);
-    load_n<N, VECTOR>(m1 + off, fast);
-    load_n<N, VECTOR>(m2 + off, slow);
-    load_n<N, VECTOR>(v + off, ve);
+    auto body = [&]<int N, bool VECTOR>(int off) {
+      float w[N], gr[N], fast[N], slow[N], ve[N];
+      load_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
+      load_n<N, VECTOR>(g + off, gr);
+      load_n<N, VECTOR>(m1 + off, fast);
+      load_n<N, VECTOR>(m2 + off, slow);
+      load_n<N, VECTOR>(v + off, ve);
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      ademamix_element(w[j], transform_grad(gr[j], b.transform), fast[j], slow[j], ve[j],
-                       b.coeffs);
-    }
-    store_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
-    store_n<N, VECTOR>(m1 + off, fast);
-    store_n<N, VECTOR>(m2 + off, slow);
-    store_n<N, VECTOR>(v + off, ve);
-  };
-  for_each_in_chunk<kVecElems<P, S>>(b.chunk.len, all_aligned16(p, g, m1, m2, v, master), body);
+      for (int j = 0; j < N; ++j) {
+        ademamix_element(w[j], transform_grad(gr[j], b.transform), fast[j], slow[j], ve[j],
+                         b.coeffs);
+      }
+      store_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
+      store_n<N, VECTOR>(m1 + off, fast);
+      store_n<N, VECTOR>(m2 + off, slow);
+      store_n<N, VECTOR>(v + off, ve);
+    };
+    for_each_in_chunk<kVecElems<P, S>>(b.chunk.len, all_aligned16(p, g, m1, m2, v, master), body);
   }
 }
 

@@ -46,19 +46,21 @@ __global__ void __launch_bounds__(kBlockThreads)
     };
     for_each_q8_block(b.chunk.len, body);
   } else {
-  S* m = chunk_ptr<S>(table, 2, b.chunk);
+    S* m = chunk_ptr<S>(table, 2, b.chunk);
 
-  auto body = [&]<int N, bool VECTOR>(int off) {
-    float w[N], gr[N], mo[N];
-    load_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
-    load_n<N, VECTOR>(g + off, gr);
-    load_n<N, VECTOR>(m + off, mo);
+    auto body = [&]<int N, bool VECTOR>(int off) {
+      float w[N], gr[N], mo[N];
+      load_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
+      load_n<N, VECTOR>(g + off, gr);
+      load_n<N, VECTOR>(m + off, mo);
 #pragma unroll
-    for (int j = 0; j < N; ++j) lion_element(w[j], transform_grad(gr[j], b.transform), mo[j], b.coeffs);
-    store_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
-    store_n<N, VECTOR>(m + off, mo);
-  };
-  for_each_in_chunk<kVecElems<P, S>>(b.chunk.len, all_aligned16(p, g, m, master), body);
+      for (int j = 0; j < N; ++j) {
+        lion_element(w[j], transform_grad(gr[j], b.transform), mo[j], b.coeffs);
+      }
+      store_weight_n<MASTER, N, VECTOR>(p + off, master + off, w);
+      store_n<N, VECTOR>(m + off, mo);
+    };
+    for_each_in_chunk<kVecElems<P, S>>(b.chunk.len, all_aligned16(p, g, m, master), body);
   }
 }
 
