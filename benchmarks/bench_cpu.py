@@ -299,20 +299,6 @@ def scaled(scaler_kind: str, optimizer_kind: str) -> Factory:
     return build
 
 
-def bitsandbytes_adamw8bit(data: Data) -> harness.Contender:
-    """bitsandbytes' 8-bit AdamW (dynamic code, block 256), which runs on CPU tensors
-    from bitsandbytes 0.45 on (``pip install bitsandbytes``)."""
-    try:
-        from bitsandbytes.optim import AdamW8bit
-    except Exception as exc:
-        raise harness.Unavailable(
-            f"bitsandbytes not importable: {type(exc).__name__}: {exc}"
-        ) from None
-    params = fresh_params(data)
-    opt = _optional_build("bitsandbytes AdamW8bit", lambda: AdamW8bit(params, **ADAMW_HP))
-    return harness.Contender("", opt.step, keep=[params, opt])
-
-
 def torch_master_recipe(*, clip: bool = False) -> Factory:
     """(f)/(g): the hand recipe for bf16 params with fp32 masters in stock torch.
 
@@ -371,16 +357,28 @@ def fastopt_lion(data: Data) -> harness.Contender:
     return harness.Contender("", opt.step, keep=[params, opt])
 
 
-def bitsandbytes_ademamix(data: Data) -> harness.Contender:
-    try:
-        from bitsandbytes.optim import AdEMAMix
-    except Exception as exc:
-        raise harness.Unavailable(
-            f"bitsandbytes not importable: {type(exc).__name__}: {exc}"
-        ) from None
-    params = fresh_params(data)
-    opt = _optional_build("bitsandbytes AdEMAMix", lambda: AdEMAMix(params, **ADEMAMIX_HP))
-    return harness.Contender("", opt.step, keep=[params, opt])
+def _bitsandbytes(cls_name: str, hp: dict) -> Factory:
+    """A bitsandbytes optimizer (``pip install bitsandbytes``; from 0.45 on its
+    optimizers run on CPU tensors)."""
+
+    def build(data: Data) -> harness.Contender:
+        try:
+            import bitsandbytes.optim as bnb_optim
+        except Exception as exc:
+            raise harness.Unavailable(
+                f"bitsandbytes not importable: {type(exc).__name__}: {exc}"
+            ) from None
+        params = fresh_params(data)
+        cls = getattr(bnb_optim, cls_name)
+        opt = _optional_build(f"bitsandbytes {cls_name}", lambda: cls(params, **hp))
+        return harness.Contender("", opt.step, keep=[params, opt])
+
+    return build
+
+
+bitsandbytes_ademamix = _bitsandbytes("AdEMAMix", ADEMAMIX_HP)
+# 8-bit AdamW: the dynamic code in blocks of 256 with an fp32 absmax
+bitsandbytes_adamw8bit = _bitsandbytes("AdamW8bit", ADAMW_HP)
 
 
 class ForeachAdEMAMix:

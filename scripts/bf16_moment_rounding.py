@@ -69,9 +69,14 @@ def store(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
     return torch.where(x.isfinite(), out, x)
 
 
-def train(mode: str, seed: int, steps: int, ctx=16, dim=64, lr=3e-3):
+def train_with(store_fn, seed: int, steps: int, *, update_from_stored: bool, ctx=16, dim=64,
+               lr=3e-3):  # fmt: skip
+    """The training run with moments kept as ``store_fn(x, second)`` returns them
+    (second: whether x is v). ``update_from_stored``: the step reads the stored
+    moments (this script's runs) rather than the fresh fp32 ones (what the
+    kernels do: scripts/int8_moment_schemes.py). Returns (train loss of the last
+    100 steps, held-out loss)."""
     gen = torch.Generator().manual_seed(seed)
-    rgen = torch.Generator().manual_seed(seed + 1000)
     train_data, val_data = corpus(ctx)
     params = model(ctx, dim, gen)
     m = [torch.zeros_like(p) for p in params]
@@ -87,14 +92,24 @@ def train(mode: str, seed: int, steps: int, ctx=16, dim=64, lr=3e-3):
         with torch.no_grad():
             for p, g, mi, vi in zip(params, grads, m, v):
                 p.mul_(1 - lr_t * wd)
-                mi.copy_(store(mi.lerp(g, 1 - b1), mode, rgen))
-                vi.copy_(store(vi * b2 + (1 - b2) * g * g, mode, rgen))
-                denom = vi.sqrt() / math.sqrt(1 - b2**t) + eps
-                p.addcdiv_(mi, denom, value=-lr_t / (1 - b1**t))
+                m_new = mi.lerp(g, 1 - b1)
+                v_new = vi * b2 + (1 - b2) * g * g
+                mi.copy_(store_fn(m_new, False))
+                vi.copy_(store_fn(v_new, True))
+                if update_from_stored:
+                    m_new, v_new = mi, vi
+                denom = v_new.sqrt() / math.sqrt(1 - b2**t) + eps
+                p.addcdiv_(m_new, denom, value=-lr_t / (1 - b1**t))
     vgen = torch.Generator().manual_seed(12345)
     with torch.no_grad():
         val = sum(loss_of(params, *batch(val_data, ctx, 512, vgen)).item() for _ in range(8)) / 8
     return sum(losses[-100:]) / 100, val
+
+
+def train(mode: str, seed: int, steps: int):
+    rgen = torch.Generator().manual_seed(seed + 1000)
+    return train_with(lambda x, second: store(x, mode, rgen), seed, steps,
+                      update_from_stored=True)  # fmt: skip
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ scale per group; both codes use 1 byte per element):
 from __future__ import annotations
 
 import argparse
-import math
 import pathlib
 import re
 import sys
@@ -39,7 +38,7 @@ import time
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bf16_moment_rounding import batch, corpus, loss_of, model  # noqa: E402
+from bf16_moment_rounding import train_with  # noqa: E402
 
 SMALL = 4096  # tensors with fewer elements keep fp32 moments, as in bitsandbytes
 
@@ -149,33 +148,9 @@ BYTES = {  # per moment element: the code plus its group's scale
 }  # fmt: skip
 
 
-def train(mode: str, seed: int, steps: int, ctx=16, dim=64, lr=3e-3):
-    gen = torch.Generator().manual_seed(seed)
-    train_data, val_data = corpus(ctx)
-    params = model(ctx, dim, gen)
-    m = [torch.zeros_like(p) for p in params]
-    v = [torch.zeros_like(p) for p in params]
-    b1, b2, eps, wd = 0.9, 0.999, 1e-8, 0.01
-    losses = []
-    for t in range(1, steps + 1):
-        x, y = batch(train_data, ctx, 64, gen)
-        loss = loss_of(params, x, y)
-        grads = torch.autograd.grad(loss, params)
-        losses.append(loss.item())
-        lr_t = lr * min(1.0, t / 100) * 0.5 * (1 + math.cos(math.pi * t / steps))
-        with torch.no_grad():
-            for p, g, mi, vi in zip(params, grads, m, v):
-                p.mul_(1 - lr_t * wd)
-                m_new = mi.lerp(g, 1 - b1)
-                v_new = vi * b2 + (1 - b2) * g * g
-                denom = v_new.sqrt() / math.sqrt(1 - b2**t) + eps
-                p.addcdiv_(m_new, denom, value=-lr_t / (1 - b1**t))
-                mi.copy_(store(m_new, mode, second=False))
-                vi.copy_(store(v_new, mode, second=True))
-    vgen = torch.Generator().manual_seed(12345)
-    with torch.no_grad():
-        val = sum(loss_of(params, *batch(val_data, ctx, 512, vgen)).item() for _ in range(8)) / 8
-    return sum(losses[-100:]) / 100, val
+def train(mode: str, seed: int, steps: int):
+    return train_with(lambda x, second: store(x, mode, second), seed, steps,
+                      update_from_stored=False)  # fmt: skip
 
 
 def main() -> None:

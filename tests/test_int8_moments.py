@@ -15,12 +15,13 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 import pytest
 import torch
+from test_capturable import _gpu_backends
+from test_compressed import _through_bytes
 
 import fastopt
 from fastopt import _compressed
@@ -286,12 +287,6 @@ def _lock_step(backend, name, mode, device):
     assert ok.skipped_steps == orf.skipped_steps == 1
 
 
-def _gpu_backends():
-    if not torch.cuda.is_available():
-        return ["cuda"]  # (skipped below)
-    return [b for b in ("cuda", "triton") if b in fastopt.available_backends()]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", _gpu_backends())
 def test_gpu_kernels_code_bit_for_bit(backend):
@@ -369,13 +364,6 @@ def _trained(opt_cls=fastopt.AdamW, dtype=BF16, master="remainder", steps=3, **k
             p.grad = g
         opt.step()
     return ps, opt
-
-
-def _through_bytes(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 @pytest.mark.parametrize("opt_cls", [fastopt.AdamW, fastopt.Lion, fastopt.AdEMAMix])
