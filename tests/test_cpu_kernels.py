@@ -514,8 +514,9 @@ def test_cpu_kernel_clones_vectorize_without_calls():
     # Instantiations per update kernel (ops_cpu.cpp's pick_kernel): fp32 params with
     # fp32 or bf16 moments (2); bf16 params x 2 grad dtypes x 2 moment dtypes x
     # {none, fp32 master, remainder} (12); fp16 params x 2 grads x 3 moment dtypes x
-    # {none, fp32 master} (12). AdamW twice that (amsgrad); one grad_sumsq.
-    per_kernel = 2 + 12 + 12
+    # {none, fp32 master} (12); 8-bit moments (NOTE [int8 moments]) for each
+    # (params, grads, master): 1 + 6 + 4. AdamW twice that (amsgrad); one grad_sumsq.
+    per_kernel = 2 + 12 + 12 + 11
     assert len(clones) == 2 * (2 * per_kernel + per_kernel + per_kernel + 1), sorted(clones)
     fp32 = [b for n, b in clones.items()
             if n.startswith("void fastopt::cpu::adamw_kernel<float, float, float, "

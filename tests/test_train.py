@@ -514,6 +514,7 @@ def test_ademamix_gets_the_run_s_hyperparameters(corpus_file, tmp_path, monkeypa
         "eps": 1e-8,
         "max_grad_norm": 1.0,
         "master_weights": False,
+        "state_dtype": None,  # --state-dtype auto
         "backend": "auto",
     }
     argv += ["--ademamix-warmup", "0", "--precision", "bf16"]

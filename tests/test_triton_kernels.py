@@ -133,4 +133,5 @@ def test_row_constants_match_the_kernels_tables():
     """The exported row layout: six array slots fit (AdamW and AdEMAMix use all six)."""
     assert mt.ROW_ARRAYS.value + mt.FIRST_STATE.value + 3 == mt.ROW_WIDTH.value
     assert K.adamw.MAX_EXP_AVG_SQ.value == K.ademamix.EXP_AVG_SQ.value == 5
-    assert set(mt.TL_DTYPE) == {torch.float32, torch.bfloat16, torch.float16}
+    # storage dtypes; uint8 is the 8-bit moments' (NOTE [int8 moments])
+    assert set(mt.TL_DTYPE) == {torch.float32, torch.bfloat16, torch.float16, torch.uint8}

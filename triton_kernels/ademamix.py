@@ -147,15 +147,18 @@ def _ademamix_block(args, offs, mask):
      bias_corr1, bias_corr2_sqrt) = coeffs  # fmt: skip
     g = em.transform_grad(em.load(g_ptr, offs, mask), transform)
     w = em.load_weight(p_ptr, w_ptr, offs, mask)
+    # Each moment is stored as soon as it is updated, and only the update's
+    # numerator and the weight stay live across the next one: with 8-bit
+    # moments every store is a block reduction, and this order keeps the
+    # specialisations within ptxas's register budget (tests/test_triton_aot.py).
     m1 = em.lerp(em.load_moment(m1_ptr, m1_scales, offs, mask, True), g, one_minus_beta1)
-    m2 = em.lerp(em.load_moment(m2_ptr, m2_scales, offs, mask, True), g, one_minus_beta3)
-    v = em.load_moment(v_ptr, v_scales, offs, mask, False)
-    v = em.second_moment(v, g, beta2, one_minus_beta2)
-    denom = em.adam_denom(v, bias_corr2_sqrt, eps)
-    update = tl.div_rn(tl.div_rn(m1, bias_corr1) + alpha * m2, denom) + weight_decay * w
-    w = tl.fma(update, -lr, w)  # torch's add_(update, alpha=-lr)
     em.store_moment(m1_ptr, m1_scales, offs, m1, mask, True)
+    m2 = em.lerp(em.load_moment(m2_ptr, m2_scales, offs, mask, True), g, one_minus_beta3)
     em.store_moment(m2_ptr, m2_scales, offs, m2, mask, True)
+    numer = tl.div_rn(m1, bias_corr1) + alpha * m2
+    v = em.second_moment(em.load_moment(v_ptr, v_scales, offs, mask, False), g, beta2, one_minus_beta2)
     em.store_moment(v_ptr, v_scales, offs, v, mask, False)
+    update = tl.div_rn(numer, em.adam_denom(v, bias_corr2_sqrt, eps)) + weight_decay * w
+    w = tl.fma(update, -lr, w)  # torch's add_(update, alpha=-lr)
     em.store_weight(p_ptr, w_ptr, offs, w, mask, MASTER)
     return 0.0
