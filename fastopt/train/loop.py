@@ -369,10 +369,13 @@ def train(cfg: TrainConfig) -> dict:
     Under torchrun (``--parallel``) every rank runs this; NOTE [parallel modes].
     """
     par = parallel.setup(cfg.parallel, cfg.device)
+    finished = False
     try:
-        return _train(cfg, par)
+        summary = _train(cfg, par)
+        finished = True
+        return summary
     finally:
-        parallel.teardown(par)
+        parallel.teardown(par, finished)
 
 
 def _train(cfg: TrainConfig, par: Parallel) -> dict:
